@@ -1,0 +1,225 @@
+"""The one place that turns a model name and a weights source into a ready GEM model.
+
+``load_gem_model("ViT-B-16-quickgelu", "metaclip_400m")`` -> :class:`LoadedModel` holding
+the :class:`~gem_backend.gem.GEM` wrapper, the normalisation constants and a string that
+identifies the weights (for cache keys and ``model_version``).
+
+Model names: any open_clip built-in name (``open_clip.list_models()``) or the path of an
+open_clip model config JSON (``{"embed_dim", "vision_cfg", "text_cfg"}``, or an
+``open_clip_config.json`` with a ``model_cfg`` key). Weights sources: an open_clip
+pretrained tag (downloaded once into the Hugging Face cache), a local file
+(``.safetensors``, ``.bin``, ``.pt``/``.pth``, OpenAI's TorchScript archives), or
+``None``/``""``/``"none"`` for random initialisation (tests, timing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .gem import GEM
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "ViT-B-16-quickgelu"
+DEFAULT_PRETRAINED = "metaclip_400m"
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its weights could not be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A GEM model ready for inference.
+
+    Attributes:
+        gem: the GEM wrapper (eval mode, on ``device``, in ``dtype``).
+        model_name: the open_clip name or config path it was built from.
+        pretrained: the weights source as given (tag, file path, or ``"none"``).
+        weights_id: short stable id of the weights (tag, or file name + size + mtime hash).
+        mean, std: per-channel normalisation of ``[0, 1]`` RGB input, 3 floats each.
+        image_size: ``(H, W)`` the model was trained at.
+        device, dtype: where and in what precision it computes.
+    """
+
+    gem: GEM
+    model_name: str
+    pretrained: str
+    weights_id: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: tuple[int, int]
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def random_weights(self) -> bool:
+        return self.pretrained == "none"
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``cuda`` if available, then ``mps``, then ``cpu``; an explicit name wins."""
+    if device and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``fp32``/``bf16``/``fp16``, or ``auto``: fp16 on GPUs, fp32 elsewhere."""
+    precision = (precision or "auto").lower()
+    if precision == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; got {precision!r}")
+    return _DTYPES[precision]
+
+
+def _is_none(pretrained: str | None) -> bool:
+    return pretrained is None or str(pretrained).strip().lower() in ("", "none", "random")
+
+
+def _is_torchscript(path: str) -> bool:
+    # OpenAI's released .pt files are TorchScript zip archives with a code/ folder.
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.split("/", 2)[1:2] == ["code"] for n in zf.namelist())
+
+
+def _file_weights_id(path: str) -> str:
+    st = os.stat(path)
+    digest = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return f"{Path(path).name}-{digest[:8]}"
+
+
+def _register_config(path: str) -> str:
+    """Make a config JSON known to open_clip; returns the name it is registered under."""
+    import open_clip
+
+    with open(path) as f:
+        cfg = json.load(f)
+    if "model_cfg" in cfg:  # open_clip_config.json as saved on the HF hub
+        cfg = cfg["model_cfg"]
+    if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise ModelLoadError(f"{path} is not an open_clip model config: it needs embed_dim, vision_cfg and text_cfg")
+    name = "gem-config-" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    if name not in open_clip.list_models():
+        # open_clip registers configs from files named <model name>.json
+        folder = Path(os.environ.get("GEM_CONFIG_REGISTRY", Path.home() / ".cache" / "gem-backend" / "configs"))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(folder / f"{name}.json")
+    return name
+
+
+def _download_hint(model_name: str, tag: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not get the pretrained weights {tag!r} for {model_name!r}: {type(err).__name__}: {err}. "
+        "They download once into the Hugging Face cache (HF_HOME, default ~/.cache/huggingface) "
+        "on a machine with internet access: run "
+        f"`python -c \"import open_clip; open_clip.create_model('{model_name}', pretrained='{tag}')\"` there "
+        "and copy the cache, or set GEM_PRETRAINED to a local weights file (.safetensors, .bin, .pt); "
+        f"tags known for this model: {_known_tags(model_name)}")
+
+
+def _known_tags(model_name: str) -> str:
+    import open_clip
+
+    try:
+        return ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+    except Exception:  # unknown name: the tag list does not matter then
+        return "none"
+
+
+def load_gem_model(model_name: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED,
+                   device: str | None = None, precision: str = "auto", depth: int = 7,
+                   ss_attn_iter: int = 1, ss_attn_temp: float | None = None,
+                   cache_dir: str | None = None) -> LoadedModel:
+    """Build an open_clip CLIP, load its weights and wrap it in GEM.
+
+    Args:
+        model_name: open_clip model name or path of a model config JSON.
+        pretrained: open_clip pretrained tag, local weights file, or None for random init.
+        device: ``cuda``/``mps``/``cpu``/``cuda:1``...; None or ``auto`` picks the best.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (weights converted).
+        depth, ss_attn_iter, ss_attn_temp: GEM settings (see :class:`GEM`).
+        cache_dir: where pretrained tags download to (default: the HF cache).
+    Raises:
+        ModelLoadError: unknown model, missing weights (offline), unsupported tower.
+    """
+    import open_clip
+
+    from .gem import UnsupportedModelError, check_supported
+
+    dev = resolve_device(device)
+    dtype = resolve_dtype(precision, dev)
+    name = model_name
+    if model_name.endswith(".json") or os.path.isfile(model_name):
+        if not os.path.isfile(model_name):
+            raise ModelLoadError(f"model config file not found: {model_name}")
+        name = _register_config(model_name)
+    elif model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ModelLoadError(f"unknown open_clip model {model_name!r}; see open_clip.list_models(), "
+                             "or give the path of a model config JSON")
+
+    jit_file = None
+    tag = None if _is_none(pretrained) else str(pretrained)
+    if tag and os.path.isfile(tag):
+        weights_id = _file_weights_id(tag)
+        if _is_torchscript(tag):
+            jit_file, tag = tag, None
+    elif tag:
+        if not open_clip.get_pretrained_cfg(name, tag):
+            raise ModelLoadError(f"{tag!r} is neither a file nor a pretrained tag of {model_name!r}; "
+                                 f"tags known for it: {_known_tags(name)}")
+        weights_id = tag
+    else:
+        weights_id = "random"
+
+    try:
+        model = open_clip.create_model(name, pretrained=tag, device="cpu", cache_dir=cache_dir)
+    except Exception as err:  # hub/network errors come in many types
+        if tag and not os.path.isfile(tag):
+            raise _download_hint(model_name, tag, err) from err
+        raise ModelLoadError(f"could not build {model_name!r} with weights {pretrained!r}: {err}") from err
+
+    if jit_file:
+        state = torch.jit.load(jit_file, map_location="cpu").state_dict()
+        for key in ("input_resolution", "context_length", "vocab_size"):
+            state.pop(key, None)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ModelLoadError(f"{jit_file} does not fit {model_name!r}: {err}") from err
+
+    model = model.to(device=dev, dtype=dtype).eval()
+    model.requires_grad_(False)
+    try:
+        check_supported(model)  # before the tokenizer: some unsupported towers need extra packages
+    except UnsupportedModelError as err:
+        raise ModelLoadError(f"{model_name!r}: {err}") from err
+    gem = GEM(model, depth=depth, ss_attn_iter=ss_attn_iter, ss_attn_temp=ss_attn_temp,
+              tokenizer=open_clip.get_tokenizer(name))
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    size = model.visual.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    log.info("loaded %s (%s) on %s as %s", model_name, weights_id, dev, str(dtype).replace("torch.", ""))
+    return LoadedModel(gem=gem, model_name=model_name, pretrained="none" if _is_none(pretrained) else str(pretrained),
+                       weights_id=weights_id, mean=mean, std=std, image_size=size, device=dev, dtype=dtype)
