@@ -1,0 +1,546 @@
+"""Task image URL in, oriented RGB ``PIL.Image.Image`` out.
+
+Where an image URL from ``task["data"]`` is fetched from, and with which credentials:
+
+==========================================  ============================================
+URL                                         fetched from / credentials
+==========================================  ============================================
+``/data/upload/1/x.png``,                   ``LABEL_STUDIO_URL`` + URL, with the API key
+``/data/local-files/?d=...`` (relative)
+``http(s)://<LS origin>/...``               as is, with the API key
+``http(s)://elsewhere/...``                 as is, no credentials
+``s3://``, ``gs://``, ``azure-blob://``     ``{LS}/tasks/{task_id}/presign/?fileuri=<b64>``
+                                            with the API key (same form as
+                                            label-studio-sdk's ``get_local_path``); the
+                                            redirect to the bucket gets no credentials
+``data:image/...;base64,...``               decoded locally
+anything else (``file:``, ``ftp:``, ...)    refused with :class:`ImageError`
+==========================================  ============================================
+
+"LS origin" is scheme + host + port of ``label_studio_url``. Redirects are followed by hand
+(at most 10) so that every hop is checked against the same rule.
+
+API keys: a legacy token goes as ``Authorization: Token <key>``. A personal access token (a
+JWT refresh token) is exchanged at ``POST {LS}/api/token/refresh/`` for an access token sent
+as ``Authorization: Bearer <access>``; the access token is cached until 30 s before its
+``exp`` and refreshed once on a 401. label-studio-sdk's ``TokensClientExt`` does the same
+exchange but needs the SDK's httpx client wrapper (a second HTTP stack next to this
+``requests.Session``, with its own proxy, TLS and timeout settings), builds the refresh URL
+with ``urljoin`` (which drops a path prefix such as ``https://host/labelstudio``) and does
+not retry on 401, so the few lines of the exchange live here instead.
+
+Neither the API key nor the access token ever appears in an exception message or a log line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
+
+import numpy as np
+import requests
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_TIMEOUT",
+    "ImageError",
+    "ImageFetcher",
+    "load_image_file",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = (5, 30)  # (connect, read) seconds
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 100_000_000
+MAX_REDIRECTS = 10
+CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
+# refresh a bit early so a token does not expire between the check and the request
+_TOKEN_EXPIRY_MARGIN_S = 30
+_CHUNK = 64 * 1024
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class ImageError(Exception):
+    """The image could not be fetched or decoded; the message says why, without secrets."""
+
+
+# --- decoding ---------------------------------------------------------------------------
+
+
+def _sniff(data: bytes) -> str:
+    """A few words on what non-image bytes look like; never echoes the bytes."""
+    if not data:
+        return "an empty body"
+    head = data[:512].lstrip().lower()
+    if head.startswith(b"\xff\xd8"):
+        return "a truncated or corrupt JPEG"
+    if head.startswith(b"\x89png"):
+        return "a truncated or corrupt PNG"
+    if b"<svg" in head or (head.startswith(b"<?xml") and b"<svg" in data[:4096].lower()):
+        return "an SVG (vector images are not supported, convert it to PNG)"
+    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head or b"<body" in head:
+        return "an HTML page"
+    if head.startswith(b"<"):
+        return "XML/HTML text"
+    if head.startswith((b"{", b"[")):
+        return "JSON"
+    try:
+        data[:512].decode("utf-8")
+        return "plain text"
+    except UnicodeDecodeError:
+        return "unrecognized binary data"
+
+
+def _stretch_to_uint8(image: Image.Image) -> Image.Image:
+    """I, I;16*, F -> L. Values already in 0..255 are kept, floats in [0, 1] are scaled by
+    255, anything else is stretched from its own min..max (16-bit and float scans seldom use
+    their full range, so dividing by 257 would give a near-black picture)."""
+    arr = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return Image.new("L", image.size, 0)
+    arr = np.where(finite, arr, 0.0)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    if image.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        out = arr * 255.0
+    elif lo >= 0.0 and hi <= 255.0:
+        out = arr
+    elif hi > lo:
+        out = (arr - lo) * (255.0 / (hi - lo))
+    else:
+        out = np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="L")
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB.
+
+    Transparency (LA, RGBA, PA, P/L/RGB with a ``transparency`` entry) is composited on
+    white, as Label Studio shows it on its white canvas; I/I;16/F are mapped to 8 bit (see
+    ``_stretch_to_uint8``); CMYK, YCbCr, 1, L, ... use Pillow's conversion.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (
+        "transparency" in image.info and mode in ("P", "L", "RGB", "1")
+    ):
+        return _on_white(image)
+    if mode == "F" or mode.startswith("I"):
+        return _stretch_to_uint8(image).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"cannot convert a {mode} image to RGB: {exc}") from None
+
+
+def _decode(data: bytes, source: str, max_pixels: int, content_type: str | None = None) -> Image.Image:
+    """Bytes -> oriented RGB image, refusing oversized images before their pixels decode."""
+    ctype = f"content-type {content_type!r}" if content_type else "no content-type"
+    if not data:
+        raise ImageError(f"not an image: {source} gave an empty body ({ctype})")
+    try:
+        # Image.open only parses the header: the size is known, the pixels are not decoded
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {source}: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ImageError(
+            f"not an image: {source} gave {len(data)} bytes of {_sniff(data)} ({ctype})"
+        ) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image too large: {source} is {width}x{height} = {width * height} pixels, "
+            f"the limit is {max_pixels}"
+        )
+    try:
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {source}: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(
+            f"cannot decode {image.format or 'image'} from {source} ({len(data)} bytes, {ctype}): {exc}"
+        ) from None
+    try:
+        # browsers (and so Label Studio) show photos EXIF-rotated; masks must match that
+        oriented = ImageOps.exif_transpose(image)
+    except Exception as exc:  # a broken EXIF block must not lose an otherwise good image
+        logger.warning("ignoring unreadable EXIF orientation in %s: %s", source, exc)
+        oriented = image
+    if oriented is None:
+        oriented = image
+    return to_rgb(oriented)
+
+
+def load_image_file(
+    path: str | os.PathLike,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Local image file -> RGB ``PIL.Image.Image`` with EXIF orientation applied.
+
+    Same mode handling and limits as :meth:`ImageFetcher.fetch`; raises :class:`ImageError`.
+    """
+    source = os.fspath(path)
+    try:
+        size = os.path.getsize(source)
+        if size <= max_bytes:
+            with open(source, "rb") as fh:
+                data = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise ImageError(f"cannot read {source}: {exc.strerror or exc}") from None
+    if size > max_bytes or len(data) > max_bytes:
+        raise ImageError(f"image too large: {source} is {size} bytes, the limit is {max_bytes}")
+    return _decode(data, source, max_pixels)
+
+
+# --- fetching ---------------------------------------------------------------------------
+
+
+def _jwt_payload(token: str) -> dict | None:
+    """The JSON payload of a JWT-shaped token (signature not checked), or None."""
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        payload = json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+class ImageFetcher:
+    """Fetches task images, from Label Studio with its credentials or from elsewhere without.
+
+    - ``label_studio_url``: e.g. ``http://127.0.0.1:8080`` (a path prefix is kept); needed for
+      relative URLs and cloud storage URIs.
+    - ``api_key``: legacy token or personal access token; None sends no credentials.
+    - ``timeout``: ``(connect, read)`` seconds for each request.
+    - ``max_bytes``: download cap; the body is streamed and dropped past it.
+    - ``max_pixels``: width*height cap, checked from the image header before decoding.
+
+    One ``requests.Session`` per fetcher (environment proxies and CA settings apply); the
+    token exchange is serialized by a lock. ``close()`` or ``with`` releases connections.
+    """
+
+    def __init__(
+        self,
+        label_studio_url: str | None,
+        api_key: str | None,
+        timeout: tuple[float, float] | float = DEFAULT_TIMEOUT,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.label_studio_url = label_studio_url.strip().rstrip("/") if label_studio_url else None
+        if self.label_studio_url and _origin(self.label_studio_url) is None:
+            raise ValueError(
+                f"LABEL_STUDIO_URL must start with http:// or https:// and name a host, "
+                f"got {self.label_studio_url!r}"
+            )
+        self._ls_origin = _origin(self.label_studio_url) if self.label_studio_url else None
+        self._api_key = api_key.strip() if api_key and api_key.strip() else None
+        self.timeout = timeout
+        self.max_bytes = int(max_bytes)
+        self.max_pixels = int(max_pixels)
+
+        self._pat_payload = _jwt_payload(self._api_key) if self._api_key else None
+        if self._api_key is None:
+            self.auth_mode = "none"
+        elif self._pat_payload is not None and self._pat_payload.get("token_type") == "refresh":
+            self.auth_mode = "pat"
+        elif self._pat_payload is not None:
+            self.auth_mode = "bearer"  # an access token given directly: sent as is
+        else:
+            self.auth_mode = "legacy"
+        self._access_token: str | None = None
+        self._access_exp: float | None = None
+        self._token_lock = threading.Lock()
+
+        from gem_backend import __version__
+
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = f"gem-backend/{__version__} {requests.utils.default_user_agent()}"
+
+    def __repr__(self) -> str:
+        return f"ImageFetcher({self.label_studio_url!r}, auth={self.auth_mode})"
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "ImageFetcher":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- public -------------------------------------------------------------------------
+
+    def fetch(self, url: str, task_id: int | str | None = None) -> Image.Image:
+        """Image URL from a task -> RGB ``PIL.Image.Image``, EXIF orientation applied.
+
+        ``task_id`` is needed for cloud storage URIs (``s3://``, ``gs://``,
+        ``azure-blob://``). Raises :class:`ImageError` for anything that goes wrong.
+        """
+        data, content_type, source = self._get(url, task_id)
+        return _decode(data, source, self.max_pixels, content_type)
+
+    def fetch_bytes(self, url: str, task_id: int | str | None = None) -> bytes:
+        """The raw bytes behind an image URL (same routing, credentials and byte cap as
+        :meth:`fetch`, no decoding). Raises :class:`ImageError`."""
+        return self._get(url, task_id)[0]
+
+    # -- secrets ------------------------------------------------------------------------
+
+    def _scrub(self, text: str) -> str:
+        for secret in (self._api_key, self._access_token):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def _error(self, message: str) -> ImageError:
+        return ImageError(self._scrub(message))
+
+    def _describe(self, url: str) -> str:
+        """URL for messages: no userinfo; no query off Label Studio (presigned signatures)."""
+        if url.startswith("data:"):
+            return f"data: URI ({len(url)} chars)"
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            if parts.port:
+                host = f"{host}:{parts.port}"
+        except ValueError:
+            return "<unparsable URL>"
+        query = parts.query if self._is_ls(url) else ("..." if parts.query else "")
+        return self._scrub(urlunsplit((parts.scheme, host, parts.path, query, "")))
+
+    # -- routing ------------------------------------------------------------------------
+
+    def _is_ls(self, url: str) -> bool:
+        return self._ls_origin is not None and _origin(url) == self._ls_origin
+
+    def _resolve(self, url: str, task_id: int | str | None) -> str:
+        """Task URL -> absolute http(s) URL to request."""
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            raise self._error("malformed image URL") from None
+        scheme = parts.scheme.lower()
+        if scheme in ("http", "https"):
+            if not parts.hostname:
+                raise self._error(f"URL has no host: {self._describe(url)}")
+            return url
+        if scheme in CLOUD_SCHEMES:
+            if not self.label_studio_url:
+                raise self._error(
+                    f"{scheme}:// URIs are resolved through Label Studio, but LABEL_STUDIO_URL is not set"
+                )
+            if task_id is None or str(task_id).strip() == "":
+                raise self._error(f"{scheme}:// URIs need the task id to ask Label Studio for a presigned URL")
+            fileuri = base64.urlsafe_b64encode(url.encode()).decode()
+            return f"{self.label_studio_url}/tasks/{task_id}/presign/?fileuri={fileuri}"
+        if not scheme and not parts.netloc and parts.path:
+            if not self.label_studio_url:
+                raise self._error(
+                    f"relative URL {self._describe(url)} needs LABEL_STUDIO_URL to be set"
+                )
+            return f"{self.label_studio_url}/{url.lstrip('/')}"
+        shown = f"{scheme}:" if scheme else ("a protocol-relative URL" if parts.netloc else "an empty URL")
+        raise self._error(
+            f"unsupported image URL scheme {shown} (expected http(s), a Label Studio relative "
+            "path, s3://, gs://, azure-blob:// or a data: URI)"
+        )
+
+    # -- auth ---------------------------------------------------------------------------
+
+    def _auth_header(self, force_refresh: bool = False) -> dict[str, str]:
+        if self.auth_mode == "none":
+            return {}
+        if self.auth_mode == "legacy":
+            return {"Authorization": f"Token {self._api_key}"}
+        if self.auth_mode == "bearer":
+            return {"Authorization": f"Bearer {self._api_key}"}
+        return {"Authorization": f"Bearer {self._access(force_refresh)}"}
+
+    def _access(self, force_refresh: bool) -> str:
+        with self._token_lock:
+            fresh = (
+                self._access_token is not None
+                and (self._access_exp is None or time.time() < self._access_exp - _TOKEN_EXPIRY_MARGIN_S)
+            )
+            if force_refresh or not fresh:
+                self._refresh_access()
+            assert self._access_token is not None
+            return self._access_token
+
+    def _refresh_access(self) -> None:
+        exp = (self._pat_payload or {}).get("exp")
+        if isinstance(exp, (int, float)) and exp < time.time():
+            raise self._error(
+                "the personal access token in LABEL_STUDIO_API_KEY has expired; "
+                "create a new one in Label Studio (Account & Settings > Personal Access Token)"
+            )
+        url = f"{self.label_studio_url}/api/token/refresh/"
+        try:
+            resp = self.session.post(url, json={"refresh": self._api_key}, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise self._error(
+                f"cannot reach Label Studio to exchange the personal access token at "
+                f"{self._describe(url)}: {type(exc).__name__}"
+            ) from None
+        with resp:
+            if resp.status_code != 200:
+                raise self._error(
+                    f"Label Studio refused the personal access token: HTTP {resp.status_code} from "
+                    f"{self._describe(url)} (is LABEL_STUDIO_API_KEY a current token of this instance?)"
+                )
+            try:
+                access = resp.json().get("access")
+            except (ValueError, AttributeError):
+                access = None
+        if not isinstance(access, str) or not access:
+            raise self._error(f"no access token in the reply of {self._describe(url)}")
+        payload = _jwt_payload(access) or {}
+        exp = payload.get("exp")
+        self._access_token = access
+        self._access_exp = float(exp) if isinstance(exp, (int, float)) else None
+        logger.debug("exchanged the personal access token for an access token (exp=%s)", exp)
+
+    # -- transfer -----------------------------------------------------------------------
+
+    def _get(self, url: str, task_id: int | str | None) -> tuple[bytes, str | None, str]:
+        """-> (body, content-type, description of the URL for messages)."""
+        if not isinstance(url, str) or not url.strip():
+            raise ImageError("empty image URL")
+        url = url.strip()
+        if url[:5].lower() == "data:":
+            return self._data_uri(url)
+        target = self._resolve(url, task_id)
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = self._request(target)
+            if not resp.is_redirect:
+                break
+            location = resp.headers.get("Location", "")
+            resp.close()
+            next_url = urljoin(target, location)
+            if urlsplit(next_url).scheme.lower() not in ("http", "https"):
+                raise self._error(f"{self._describe(target)} redirected to an unsupported URL scheme")
+            target = next_url
+        else:
+            raise self._error(f"too many redirects fetching {self._describe(url)}")
+        with resp:
+            return self._read(resp, target)
+
+    def _request(self, target: str) -> requests.Response:
+        with_credentials = self._is_ls(target) and self.auth_mode != "none"
+        try:
+            headers = self._auth_header() if with_credentials else {}
+            resp = self._send(target, headers)
+            if resp.status_code == 401 and with_credentials and self.auth_mode == "pat":
+                # the access token may have been revoked or expired early: one fresh try
+                resp.close()
+                resp = self._send(target, self._auth_header(force_refresh=True))
+        except ImageError:
+            raise
+        except requests.Timeout:
+            raise self._error(f"timed out fetching {self._describe(target)} (timeout {self.timeout} s)") from None
+        except requests.RequestException as exc:
+            raise self._error(f"cannot fetch {self._describe(target)}: {type(exc).__name__}") from None
+        if resp.status_code >= 400:
+            status = resp.status_code
+            resp.close()
+            hint = ""
+            if status in (401, 403):
+                if with_credentials:
+                    hint = " (check LABEL_STUDIO_API_KEY"
+                    if self.auth_mode == "legacy":
+                        hint += "; if legacy tokens are disabled, use a personal access token"
+                    hint += ")"
+                elif self._ls_origin is not None:
+                    hint = " (no credentials sent: the URL is not on LABEL_STUDIO_URL's origin)"
+                else:
+                    hint = " (no credentials sent: LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY not set)"
+            raise self._error(f"HTTP {status} fetching {self._describe(target)}{hint}")
+        return resp
+
+    def _send(self, target: str, headers: dict[str, str]) -> requests.Response:
+        logger.debug("GET %s%s", self._describe(target), " (with credentials)" if headers else "")
+        return self.session.get(
+            target, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False
+        )
+
+    def _read(self, resp: requests.Response, target: str) -> tuple[bytes, str | None, str]:
+        source = self._describe(target)
+        length = resp.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > self.max_bytes:
+            raise self._error(
+                f"image too large: {source} announces {length} bytes, the limit is {self.max_bytes}"
+            )
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            for chunk in resp.iter_content(_CHUNK):
+                total += len(chunk)
+                if total > self.max_bytes:
+                    raise self._error(
+                        f"image too large: {source} sent more than {self.max_bytes} bytes"
+                    )
+                chunks.append(chunk)
+        except ImageError:
+            raise
+        except requests.RequestException as exc:
+            kind = "timed out" if isinstance(exc, requests.Timeout) else type(exc).__name__
+            raise self._error(f"download of {source} failed: {kind}") from None
+        return b"".join(chunks), resp.headers.get("Content-Type"), source
+
+    def _data_uri(self, url: str) -> tuple[bytes, str | None, str]:
+        header, sep, payload = url[5:].partition(",")
+        source = f"data: URI ({len(url)} chars)"
+        if not sep:
+            raise ImageError(f"malformed {source}: no comma")
+        params = header.split(";")
+        media_type = params[0] or None
+        is_base64 = any(p.strip().lower() == "base64" for p in params[1:])
+        # base64 grows 4:3; refuse before allocating the decoded copy
+        if len(payload) * 3 // 4 > self.max_bytes:
+            raise ImageError(f"image too large: {source} holds more than {self.max_bytes} bytes")
+        try:
+            if is_base64:
+                data = base64.b64decode("".join(unquote_to_bytes(payload).decode("ascii").split()), validate=True)
+            else:
+                data = unquote_to_bytes(payload)
+        except (binascii.Error, ValueError):
+            raise ImageError(f"malformed {source}: bad base64") from None
+        return data, media_type, source
