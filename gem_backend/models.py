@@ -46,7 +46,7 @@ class LoadedModel:
         gem: the GEM wrapper (eval mode, on ``device``, in ``dtype``).
         model_name: the open_clip name or config path it was built from.
         pretrained: the weights source as given (tag, file path, or ``"none"``).
-        weights_id: short stable id of the weights (tag, or file name + size + mtime hash).
+        weights_id: short stable id of the weights (tag, or file name + content hash).
         mean, std: per-channel normalisation of ``[0, 1]`` RGB input, 3 floats each.
         image_size: ``(H, W)`` the model was trained at.
         device, dtype: where and in what precision it computes.
@@ -102,9 +102,27 @@ def _is_torchscript(path: str) -> bool:
 
 
 def _file_weights_id(path: str) -> str:
-    st = os.stat(path)
-    digest = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    return f"{Path(path).name}-{digest[:8]}"
+    # size + head + tail: cheap on GB files, and the same on every machine the file is copied to
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return f"{Path(path).stem}-{h.hexdigest()[:8]}"
+
+
+def weights_id(pretrained: str | None) -> str:
+    """Short stable id of a weights source: the tag, ``random``, or file name + content hash.
+
+    Cheap (no loading), so ``/setup`` can name the model version without a model.
+    """
+    if _is_none(pretrained):
+        return "random"
+    if os.path.isfile(str(pretrained)):
+        return _file_weights_id(str(pretrained))
+    return str(pretrained)
 
 
 def _register_config(path: str) -> str:
@@ -180,16 +198,11 @@ def load_gem_model(model_name: str = DEFAULT_MODEL, pretrained: str | None = DEF
     jit_file = None
     tag = None if _is_none(pretrained) else str(pretrained)
     if tag and os.path.isfile(tag):
-        weights_id = _file_weights_id(tag)
         if _is_torchscript(tag):
             jit_file, tag = tag, None
-    elif tag:
-        if not open_clip.get_pretrained_cfg(name, tag):
-            raise ModelLoadError(f"{tag!r} is neither a file nor a pretrained tag of {model_name!r}; "
-                                 f"tags known for it: {_known_tags(name)}")
-        weights_id = tag
-    else:
-        weights_id = "random"
+    elif tag and not open_clip.get_pretrained_cfg(name, tag):
+        raise ModelLoadError(f"{tag!r} is neither a file nor a pretrained tag of {model_name!r}; "
+                             f"tags known for it: {_known_tags(name)}")
 
     try:
         model = open_clip.create_model(name, pretrained=tag, device="cpu", cache_dir=cache_dir)
@@ -220,6 +233,7 @@ def load_gem_model(model_name: str = DEFAULT_MODEL, pretrained: str | None = DEF
     std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
     size = model.visual.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    log.info("loaded %s (%s) on %s as %s", model_name, weights_id, dev, str(dtype).replace("torch.", ""))
+    wid = weights_id(pretrained)
+    log.info("loaded %s (%s) on %s as %s", model_name, wid, dev, str(dtype).replace("torch.", ""))
     return LoadedModel(gem=gem, model_name=model_name, pretrained="none" if _is_none(pretrained) else str(pretrained),
-                       weights_id=weights_id, mean=mean, std=std, image_size=size, device=dev, dtype=dtype)
+                       weights_id=wid, mean=mean, std=std, image_size=size, device=dev, dtype=dtype)

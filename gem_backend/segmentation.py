@@ -1,0 +1,267 @@
+"""From an image and label names to per-label masks at the image's own size.
+
+:class:`GEMPredictor` follows segment-anything's ``SamPredictor``: ``set_image`` runs the
+expensive image tower once, ``predict(labels)`` is cheap and can run many times on it.
+numpy in, numpy out.
+
+The decision (``SegmentationSettings``): the GEM patch-text cosine maps of the labels and
+of generic *background prompts* are bilinearly upsampled to the model's input size and
+turned into probabilities with ``softmax(logit_scale * cosine)`` across all prompts. A pixel
+is background where a background prompt wins or the winning probability is below
+``threshold``; a label covering less than ``min_area`` of the image is dropped. The label
+map is decided at the input resolution and upsampled to the original size (nearest), which
+costs one small map instead of C full-size float maps.
+
+The reference's per-label min-max normalisation is not used: it stretches every label to
+[0, 1], so an absent label would still get a mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .gem import DEFAULT_TEMPLATES
+
+DEFAULT_BACKGROUND_PROMPTS: tuple[str, ...] = ("background", "wall", "floor", "ground", "sky", "texture")
+
+
+@dataclass(frozen=True)
+class SegmentationSettings:
+    """What turns similarity maps into masks, and how images are sized for the model.
+
+    Attributes:
+        input_size: short side of the model input, in pixels (rounded to the patch size).
+        max_long_side: cap on the long side of the model input (keeps attention affordable
+            on panoramas); the short side shrinks to keep the aspect ratio.
+        square: resize to ``input_size x input_size`` like the reference instead.
+        logit_scale: multiplier of cosine similarities before the softmax across prompts.
+        threshold: winning probability under which a pixel is background; 0 turns the
+            background decision off (no background prompts, every pixel gets its best label).
+        background_prompts: generic prompts competing with the labels as "not an object".
+        min_area: labels covering less than this fraction of the image are dropped.
+        templates: prompt templates; several give the usual CLIP ensemble.
+    """
+
+    input_size: int = 448
+    max_long_side: int = 896
+    square: bool = False
+    logit_scale: float = 50.0
+    threshold: float = 0.3
+    background_prompts: tuple[str, ...] = DEFAULT_BACKGROUND_PROMPTS
+    min_area: float = 0.001
+    templates: tuple[str, ...] = field(default=DEFAULT_TEMPLATES)
+
+    def __post_init__(self):
+        if self.input_size < 16:
+            raise ValueError(f"input_size must be >= 16, got {self.input_size}")
+        if self.max_long_side < self.input_size:
+            raise ValueError("max_long_side must be >= input_size")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+        if not 0.0 <= self.min_area < 1.0:
+            raise ValueError(f"min_area must be in [0, 1), got {self.min_area}")
+        if self.logit_scale <= 0:
+            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ValueError("templates must be non-empty and each contain '{}'")
+
+
+def model_input_size(height: int, width: int, settings: SegmentationSettings,
+                     patch: tuple[int, int]) -> tuple[int, int]:
+    """``(H_in, W_in)`` for an ``height x width`` image: multiples of the patch size."""
+    ph, pw = patch
+    if settings.square:
+        return max(ph, round(settings.input_size / ph) * ph), max(pw, round(settings.input_size / pw) * pw)
+    scale = settings.input_size / min(height, width)
+    scale = min(scale, settings.max_long_side / max(height, width))
+    h_in = max(ph, round(height * scale / ph) * ph)
+    w_in = max(pw, round(width * scale / pw) * pw)
+    return h_in, w_in
+
+
+@dataclass
+class Segmentation:
+    """Masks of one image.
+
+    Attributes:
+        labels: the ``C`` label names asked for, in order.
+        label_map: ``[H, W]`` uint16 at the original size: 0 background, ``i + 1`` label ``i``.
+        scores: per present label, the mean winning probability inside its mask, in [0, 1].
+        areas: per present label, the fraction of the image it covers.
+    """
+
+    labels: list[str]
+    label_map: np.ndarray
+    scores: dict[str, float]
+    areas: dict[str, float]
+
+    @property
+    def present(self) -> list[str]:
+        """Labels with a mask, in the order of ``labels``."""
+        return [lab for lab in self.labels if lab in self.scores]
+
+    def mask(self, label: str) -> np.ndarray:
+        """``[H, W]`` bool mask of one label."""
+        return self.label_map == (self.labels.index(label) + 1)
+
+    @property
+    def score(self) -> float:
+        """Image-level score: area-weighted mean of the region scores (0 if nothing found)."""
+        if not self.scores:
+            return 0.0
+        total = sum(self.areas[k] for k in self.scores)
+        return float(sum(self.scores[k] * self.areas[k] for k in self.scores) / max(total, 1e-12))
+
+
+@dataclass
+class ImageEmbedding:
+    """The expensive part of one image, computed once by :meth:`GEMPredictor.set_image`.
+
+    Attributes:
+        patches: ``[h*w, D]`` float32 L2-normalised GEM patch tokens, row-major.
+        grid: ``(h, w)`` token grid.
+        input_size: ``(H_in, W_in)`` model input size.
+        original_size: ``(H, W)`` of the image as given.
+    """
+
+    patches: torch.Tensor
+    grid: tuple[int, int]
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+class GEMPredictor:
+    """Segment images by label names with a loaded GEM model.
+
+    Args:
+        loaded: a :class:`gem_backend.models.LoadedModel`.
+        settings: the decision and sizing settings.
+        text_encoder: optional ``(labels, templates) -> np.ndarray [C, D]`` (L2-normalised
+            float32), e.g. a cache in front of the text tower; default: the text tower.
+    """
+
+    def __init__(self, loaded, settings: SegmentationSettings | None = None,
+                 text_encoder: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None):
+        self.loaded = loaded
+        self.gem = loaded.gem
+        self.settings = settings or SegmentationSettings()
+        self._text_encoder = text_encoder
+        self._mean = torch.tensor(loaded.mean, dtype=torch.float32).reshape(3, 1, 1)
+        self._std = torch.tensor(loaded.std, dtype=torch.float32).reshape(3, 1, 1)
+        self.embedding: ImageEmbedding | None = None
+
+    # ------------------------------------------------------------------ text
+    def encode_text(self, labels: Sequence[str]) -> np.ndarray:
+        """``[C, D]`` float32, L2-normalised embeddings of ``labels`` with the templates."""
+        templates = tuple(self.settings.templates)
+        if self._text_encoder is not None:
+            return np.asarray(self._text_encoder(list(labels), templates), dtype=np.float32)
+        with torch.inference_mode():
+            return self.gem.encode_text(list(labels), templates).float().cpu().numpy()
+
+    # ------------------------------------------------------------------ image
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """``[H, W, 3]`` uint8 RGB -> ``[1, 3, H_in, W_in]`` normalised float32 tensor."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be [H, W, 3] uint8 RGB, got {image.shape} {image.dtype}")
+        h_in, w_in = model_input_size(image.shape[0], image.shape[1], self.settings, self.gem.patch_size)
+        pil = Image.fromarray(image)
+        if pil.size != (w_in, h_in):
+            pil = pil.resize((w_in, h_in), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float().div_(255.0)
+        return ((x - self._mean) / self._std).unsqueeze(0)
+
+    def set_image(self, image: np.ndarray) -> ImageEmbedding:
+        """Run the image tower with GEM once for ``image`` (``[H, W, 3]`` uint8 RGB)."""
+        x = self.preprocess(image)
+        with torch.inference_mode():
+            feat_gem, _ = self.gem.encode_image(x)
+        grid = self.gem.grid_for(x.shape[-2], x.shape[-1])
+        patches = F.normalize(feat_gem[0, 1:].float(), dim=-1).cpu()
+        self.embedding = ImageEmbedding(patches=patches, grid=grid, input_size=tuple(x.shape[-2:]),
+                                        original_size=(image.shape[0], image.shape[1]))
+        return self.embedding
+
+    # ------------------------------------------------------------------ decision
+    def probabilities(self, labels: Sequence[str], embedding: ImageEmbedding | None = None) -> np.ndarray:
+        """Per-pixel probabilities at the model input size.
+
+        Returns:
+            ``[C + K, H_in, W_in]`` float32: ``softmax(logit_scale * cosine)`` over the ``C``
+            labels then the ``K`` background prompts in use (``K = 0`` with threshold 0).
+        """
+        emb = embedding or self._require_embedding()
+        prompts = list(labels) + self._background_for(labels)
+        text = torch.from_numpy(self.encode_text(prompts))
+        sim = (emb.patches @ text.t()).t().reshape(1, len(prompts), *emb.grid)
+        sim = F.interpolate(sim, size=emb.input_size, mode="bilinear", align_corners=False)[0]
+        return torch.softmax(sim * self.settings.logit_scale, dim=0).numpy()
+
+    def predict(self, labels: Sequence[str], embedding: ImageEmbedding | None = None) -> Segmentation:
+        """Masks of ``labels`` on the image given to :meth:`set_image`.
+
+        Args:
+            labels: ``C`` label prompts (distinct).
+        Returns:
+            a :class:`Segmentation` at the original image size.
+        """
+        labels = list(labels)
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be distinct")
+        emb = embedding or self._require_embedding()
+        if not labels:
+            return Segmentation([], np.zeros(emb.original_size, np.uint16), {}, {})
+        probs = self.probabilities(labels, emb)
+        winner = probs.argmax(axis=0)
+        best = probs.max(axis=0)
+        n = len(labels)
+        small = np.where((winner < n) & (best >= self.settings.threshold), winner + 1, 0).astype(np.uint16)
+
+        scores, areas = {}, {}
+        total = small.size
+        counts = np.bincount(small.ravel(), minlength=n + 1)
+        sums = np.bincount(small.ravel(), weights=best.ravel(), minlength=n + 1)
+        for i, label in enumerate(labels, start=1):
+            area = counts[i] / total
+            if counts[i] == 0:
+                continue
+            if area < self.settings.min_area:
+                small[small == i] = 0  # too small to trust: background
+                continue
+            scores[label] = float(sums[i] / counts[i])
+            areas[label] = float(area)
+        label_map = _resize_nearest(small, emb.original_size)
+        return Segmentation(labels, label_map, scores, areas)
+
+    def segment(self, image: np.ndarray, labels: Sequence[str]) -> Segmentation:
+        """``set_image`` then ``predict``."""
+        return self.predict(labels, self.set_image(image))
+
+    # ------------------------------------------------------------------ helpers
+    def _background_for(self, labels: Sequence[str]) -> list[str]:
+        if self.settings.threshold <= 0:
+            return []
+        taken = {lab.strip().lower() for lab in labels}
+        # a project label that is also a background prompt must stay a label
+        return [p for p in self.settings.background_prompts if p.strip().lower() not in taken]
+
+    def _require_embedding(self) -> ImageEmbedding:
+        if self.embedding is None:
+            raise RuntimeError("call set_image() before predict()")
+        return self.embedding
+
+
+def _resize_nearest(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[h, w]`` uint16 -> ``[H, W]`` uint16 by nearest neighbour (pixel centres aligned)."""
+    if label_map.shape == tuple(size):
+        return label_map
+    h, w = label_map.shape
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64), w - 1)
+    return label_map[rows[:, None], cols[None, :]]

@@ -1,0 +1,261 @@
+"""All settings in one typed object, read from the environment once.
+
+Names follow the official Label Studio ML examples where they exist (``LABEL_STUDIO_URL``,
+``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_USER``, ``BASIC_AUTH_PASS``, ``LOG_LEVEL``,
+``WORKERS``, ``THREADS``, ``PORT``, ``MODEL_DIR``, ``REDIS_URL``); GEM's own have a ``GEM_``
+prefix. Segmentation settings can be overridden per project through the ``extra_params``
+JSON of ``/setup`` (keys without the prefix, e.g. ``{"threshold": 0.4}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .gem import DEFAULT_TEMPLATES
+from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from .segmentation import DEFAULT_BACKGROUND_PROMPTS, SegmentationSettings
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
+def openai_templates() -> tuple[str, ...]:
+    """The 80 ImageNet prompt templates of OpenAI's CLIP, as ``{}`` format strings."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+def parse_templates(value: str | list | tuple) -> tuple[str, ...]:
+    """``openai`` (the 80 templates), ``|``-separated format strings, or a list of them."""
+    if isinstance(value, (list, tuple)):
+        items = [str(v) for v in value]
+    elif value.strip().lower() in ("openai", "openai80", "imagenet"):
+        return openai_templates()
+    else:
+        items = value.split("|")
+    items = tuple(t.strip() for t in items if t.strip())
+    if not items or any("{}" not in t for t in items):
+        raise SettingsError(f"templates must be format strings with '{{}}', separated by '|'; got {value!r}")
+    return items
+
+
+def _parse_prompts(value: str | list | tuple) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _parse_bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+# Segmentation fields overridable per project: extra_params key -> (env name, parser)
+_SEG_FIELDS: dict[str, tuple[str, Any]] = {
+    "input_size": ("GEM_INPUT_SIZE", int),
+    "max_long_side": ("GEM_MAX_LONG_SIDE", int),
+    "square": ("GEM_SQUARE", _parse_bool),
+    "logit_scale": ("GEM_LOGIT_SCALE", float),
+    "threshold": ("GEM_THRESHOLD", float),
+    "background_prompts": ("GEM_BACKGROUND_PROMPTS", _parse_prompts),
+    "min_area": ("GEM_MIN_AREA", float),
+    "templates": ("GEM_TEMPLATES", parse_templates),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with defaults that work out of the box."""
+
+    # model
+    model: str = DEFAULT_MODEL                      # GEM_MODEL: open_clip name or config JSON path
+    pretrained: str = DEFAULT_PRETRAINED            # GEM_PRETRAINED: tag, weights file, or "none"
+    device: str = "auto"                            # GEM_DEVICE: auto, cpu, cuda, cuda:1, mps
+    precision: str = "auto"                         # GEM_PRECISION: auto, fp32, bf16, fp16
+    depth: int = 7                                  # GEM_DEPTH
+    ss_attn_iter: int = 1                           # GEM_SS_ATTN_ITER
+    ss_attn_temp: float | None = None               # GEM_SS_ATTN_TEMP (unset: adaptive)
+    model_dir: str | None = None                    # MODEL_DIR: download cache for pretrained tags
+    # segmentation (per-project overridable)
+    segmentation: SegmentationSettings = field(default_factory=SegmentationSettings)
+    # Label Studio
+    label_studio_url: str | None = None             # LABEL_STUDIO_URL
+    label_studio_api_key: str | None = field(default=None, repr=False)  # LABEL_STUDIO_API_KEY
+    # serving
+    host: str = "0.0.0.0"                           # HOST
+    port: int = 9090                                # PORT
+    workers: int = 1                                # WORKERS
+    threads: int = 8                                # THREADS
+    log_level: str = "INFO"                         # LOG_LEVEL
+    basic_auth_user: str | None = None              # BASIC_AUTH_USER
+    basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
+    webhook_auth: bool = False                      # GEM_WEBHOOK_AUTH: Label Studio sends webhooks without auth
+    max_request_bytes: int = 20 * 1024 * 1024       # GEM_MAX_REQUEST_BYTES
+    # cache
+    redis_url: str | None = field(default=None, repr=False)  # REDIS_URL
+    text_cache_size: int = 4096                     # GEM_TEXT_CACHE_SIZE
+    state_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "gem-backend")  # GEM_STATE_DIR
+    # images
+    fetch_timeout: float = 30.0                     # GEM_FETCH_TIMEOUT (read), connect is 5 s
+    max_image_bytes: int = 50 * 1024 * 1024         # GEM_MAX_IMAGE_BYTES
+    max_image_pixels: int = 100_000_000             # GEM_MAX_IMAGE_PIXELS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read every setting from ``environ`` (default ``os.environ``); unset -> default."""
+        env = os.environ if environ is None else environ
+
+        def get(name, parse, default):
+            raw = env.get(name)
+            if raw is None or (raw == "" and parse is not _parse_prompts):
+                return default
+            try:
+                return parse(raw)
+            except (ValueError, SettingsError) as err:
+                raise SettingsError(f"{name}={raw!r}: {err}") from None
+
+        base = cls()
+        seg = {key: get(env_name, parser, getattr(base.segmentation, key))
+               for key, (env_name, parser) in _SEG_FIELDS.items()}
+        try:
+            segmentation = SegmentationSettings(**seg)
+        except ValueError as err:
+            raise SettingsError(str(err)) from None
+        temp = env.get("GEM_SS_ATTN_TEMP", "").strip()
+        return cls(
+            model=get("GEM_MODEL", str, base.model),
+            pretrained=get("GEM_PRETRAINED", str, base.pretrained),
+            device=get("GEM_DEVICE", str, base.device),
+            precision=get("GEM_PRECISION", str, base.precision),
+            depth=get("GEM_DEPTH", int, base.depth),
+            ss_attn_iter=get("GEM_SS_ATTN_ITER", int, base.ss_attn_iter),
+            ss_attn_temp=float(temp) if temp and temp.lower() != "none" else None,
+            model_dir=get("MODEL_DIR", str, None),
+            segmentation=segmentation,
+            label_studio_url=get("LABEL_STUDIO_URL", str, None) or get("LABEL_STUDIO_HOST", str, None),
+            label_studio_api_key=get("LABEL_STUDIO_API_KEY", str, None),
+            host=get("HOST", str, base.host),
+            port=get("PORT", int, base.port),
+            workers=get("WORKERS", int, base.workers),
+            threads=get("THREADS", int, base.threads),
+            log_level=get("LOG_LEVEL", str, base.log_level).upper(),
+            basic_auth_user=get("BASIC_AUTH_USER", str, None),
+            basic_auth_pass=get("BASIC_AUTH_PASS", str, None),
+            webhook_auth=get("GEM_WEBHOOK_AUTH", _parse_bool, base.webhook_auth),
+            max_request_bytes=get("GEM_MAX_REQUEST_BYTES", int, base.max_request_bytes),
+            redis_url=get("REDIS_URL", str, None),
+            text_cache_size=get("GEM_TEXT_CACHE_SIZE", int, base.text_cache_size),
+            state_dir=get("GEM_STATE_DIR", str, None) or (os.path.join(env["MODEL_DIR"], "gem-state")
+                                                          if env.get("MODEL_DIR") else base.state_dir),
+            fetch_timeout=get("GEM_FETCH_TIMEOUT", float, base.fetch_timeout),
+            max_image_bytes=get("GEM_MAX_IMAGE_BYTES", int, base.max_image_bytes),
+            max_image_pixels=get("GEM_MAX_IMAGE_PIXELS", int, base.max_image_pixels),
+        )
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ per project
+    def segmentation_for(self, extra_params: str | Mapping | None) -> SegmentationSettings:
+        """The segmentation settings of a project: these defaults updated by ``extra_params``.
+
+        ``extra_params`` comes from Label Studio's ML backend form, as a JSON string or an
+        object; keys are the field names of :class:`SegmentationSettings` (``GEM_`` env names
+        are accepted too). Unknown keys or bad values raise :class:`SettingsError`.
+        """
+        params = parse_extra_params(extra_params)
+        if not params:
+            return self.segmentation
+        by_env = {env_name: key for key, (env_name, _) in _SEG_FIELDS.items()}
+        changes = {}
+        for raw_key, value in params.items():
+            key = by_env.get(str(raw_key).upper(), str(raw_key).lower())
+            if key not in _SEG_FIELDS:
+                raise SettingsError(f"extra_params: unknown setting {raw_key!r}; known: {', '.join(_SEG_FIELDS)}")
+            parser = _SEG_FIELDS[key][1]
+            try:
+                changes[key] = parser(value)
+            except (ValueError, TypeError, SettingsError) as err:
+                raise SettingsError(f"extra_params: {raw_key}={value!r}: {err}") from None
+        try:
+            return dataclasses.replace(self.segmentation, **changes)
+        except ValueError as err:
+            raise SettingsError(f"extra_params: {err}") from None
+
+    @property
+    def weights_id(self) -> str:
+        from .models import weights_id
+
+        return weights_id(self.pretrained)
+
+    def model_version(self, segmentation: SegmentationSettings | None = None) -> str:
+        """Names the model and every setting that changes outputs.
+
+        Label Studio shows and keeps predictions per ``model_version``, so any change of
+        model, weights or decision settings gives a new one.
+        """
+        seg = segmentation or self.segmentation
+        key = json.dumps(dict(model=self.model, weights=self.weights_id, depth=self.depth,
+                              iter=self.ss_attn_iter, temp=self.ss_attn_temp,
+                              seg=dataclasses.asdict(seg)), sort_keys=True)
+        model = os.path.basename(self.model).removesuffix(".json")
+        return f"gem-{model}-{self.weights_id}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+    def text_namespace(self, templates: tuple[str, ...]) -> str:
+        """Cache namespace of text embeddings: model, weights and template set."""
+        return json.dumps([self.model, self.weights_id, list(templates)])
+
+    def redacted(self) -> dict:
+        """Settings for logs: secrets replaced by ``***``."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("label_studio_api_key", "basic_auth_pass") and value:
+                value = "***"
+            elif f.name == "redis_url" and value:
+                from .text_cache import redact_url
+
+                value = redact_url(value)
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        return out
+
+
+def parse_extra_params(extra_params: str | Mapping | None) -> dict:
+    """Label Studio sends ``extra_params`` as null, a JSON string, or an object."""
+    if extra_params is None:
+        return {}
+    if isinstance(extra_params, Mapping):
+        return dict(extra_params)
+    if isinstance(extra_params, str):
+        text = extra_params.strip()
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SettingsError(f"extra_params is not valid JSON: {err.msg} at position {err.pos}") from None
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise SettingsError("extra_params must be a JSON object, e.g. {\"threshold\": 0.4}")
+        return value
+    raise SettingsError(f"extra_params must be a JSON object or string, got {type(extra_params).__name__}")
+
+
+__all__ = ["Settings", "SettingsError", "parse_extra_params", "parse_templates", "openai_templates",
+           "DEFAULT_TEMPLATES", "DEFAULT_BACKGROUND_PROMPTS"]
