@@ -14,6 +14,7 @@ pretrained tag (downloaded once into the Hugging Face cache), a local file
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -102,8 +103,13 @@ def _is_torchscript(path: str) -> bool:
 
 
 def _file_weights_id(path: str) -> str:
+    st = os.stat(path)
+    return _file_weights_id_cached(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_weights_id_cached(path: str, size: int, mtime_ns: int) -> str:
     # size + head + tail: cheap on GB files, and the same on every machine the file is copied to
-    size = os.path.getsize(path)
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
         h.update(f.read(1 << 20))

@@ -8,6 +8,7 @@ the same ``model_version``.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -24,6 +25,10 @@ from .settings import Settings, SettingsError
 from .text_cache import TextEmbeddingCache
 
 log = logging.getLogger(__name__)
+
+
+_WARMUP_CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+                  '<Label value="object"/></BrushLabels></View>')
 
 
 class RequestError(ValueError):
@@ -71,6 +76,7 @@ class GEMService:
         # one forward pass at a time per process: concurrent requests queue instead of thrashing
         self._infer_lock = threading.Lock()
         self._caches: dict[tuple[str, ...], TextEmbeddingCache] = {}
+        self._specs: dict[tuple[str, str], ProjectSpec] = {}
         self._caches_lock = threading.Lock()
 
     # ------------------------------------------------------------------ model
@@ -95,6 +101,8 @@ class GEMService:
 
     def _load_quietly(self) -> None:
         try:
+            # the SDK's config parser loads lazily (~1 s): warm it before /setup's 3 s timeout matters
+            self.project(_WARMUP_CONFIG)
             self.load()
         except ModelUnavailable:
             pass  # recorded in _load_error; /health and /predict report it
@@ -135,11 +143,22 @@ class GEMService:
             raise RequestError("no label config: Label Studio sends it as 'schema' (/setup) or "
                                "'label_config' (/predict)")
         try:
-            targets = tuple(parse_label_config(label_config))
-            seg = self.settings.segmentation_for(extra_params)
-        except (LabelConfigError, SettingsError) as err:
-            raise RequestError(str(err)) from None
-        return ProjectSpec(targets, seg, self.settings.model_version(seg))
+            key = (label_config, json.dumps(extra_params, sort_keys=True, default=str))
+        except (TypeError, ValueError):
+            key = None
+        spec = self._specs.get(key) if key else None
+        if spec is None:
+            try:
+                targets = tuple(parse_label_config(label_config))
+                seg = self.settings.segmentation_for(extra_params)
+            except (LabelConfigError, SettingsError) as err:
+                raise RequestError(str(err)) from None
+            spec = ProjectSpec(targets, seg, self.settings.model_version(seg))
+            if key:
+                if len(self._specs) >= 256:  # projects x param sets: a handful in practice
+                    self._specs.clear()
+                self._specs[key] = spec
+        return spec
 
     # ------------------------------------------------------------------ text
     def _cache(self, templates: tuple[str, ...]) -> TextEmbeddingCache:
