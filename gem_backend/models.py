@@ -80,11 +80,26 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere
+    bf16 matmuls are emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """``fp32``/``bf16``/``fp16``, or ``auto``: fp16 on GPUs, fp32 elsewhere."""
+    """``fp32``/``bf16``/``fp16``, or ``auto``: fp16 on GPUs, bf16 on CPUs with native
+    bf16, fp32 elsewhere."""
     precision = (precision or "auto").lower()
     if precision == "auto":
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+        if device.type in ("cuda", "mps"):
+            return torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if precision not in _DTYPES:
         raise ValueError(f"precision must be one of auto, {', '.join(_DTYPES)}; got {precision!r}")
     return _DTYPES[precision]

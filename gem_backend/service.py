@@ -17,10 +17,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .images import ImageError, ImageFetcher
+from .images import ImageError, ImageFetcher, original_size
 from .labelstudio import BrushTarget, LabelConfigError, brush_region, parse_label_config, prediction
 from .metrics import Metrics
-from .segmentation import GEMPredictor, Segmentation, SegmentationSettings
+from .segmentation import GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings
 from .settings import Settings, SettingsError
 from .text_cache import TextEmbeddingCache
 
@@ -203,14 +203,21 @@ class GEMService:
         return GEMPredictor(self.load(), segmentation, text_encoder=self.encode_text)
 
     # ------------------------------------------------------------------ prediction
-    def segment(self, image: np.ndarray, prompts: Sequence[str], segmentation: SegmentationSettings) -> Segmentation:
-        """One image (``[H, W, 3]`` uint8 RGB) -> :class:`Segmentation` of ``prompts``."""
-        predictor = self.predictor(segmentation)
+    def embed(self, predictor: GEMPredictor, image: np.ndarray,
+              original_size: tuple[int, int] | None = None) -> ImageEmbedding:
+        """The image tower on one image, serialised per process; timed for /metrics."""
         with self._infer_lock:
             started = time.perf_counter()
-            embedding = predictor.set_image(image)
+            embedding = predictor.set_image(image, original_size)
             self.metrics.forward_seconds.observe(time.perf_counter() - started)
-        return predictor.predict(list(prompts), embedding)
+        return embedding
+
+    def segment(self, image: np.ndarray, prompts: Sequence[str], segmentation: SegmentationSettings,
+                original_size: tuple[int, int] | None = None) -> Segmentation:
+        """One image (``[H, W, 3]`` uint8 RGB) -> :class:`Segmentation` of ``prompts`` at
+        ``original_size`` (``(H0, W0)``, default the image's)."""
+        predictor = self.predictor(segmentation)
+        return predictor.predict(list(prompts), self.embed(predictor, image, original_size))
 
     def predict_tasks(self, tasks: Sequence[Mapping], label_config: str, extra_params: Any = None,
                       spec: ProjectSpec | None = None) -> list[dict]:
@@ -231,33 +238,44 @@ class GEMService:
 
     def predict_task(self, task: Mapping, spec: ProjectSpec) -> dict:
         """One task -> one prediction dict (never raises for image problems)."""
-        task_id = task.get("id")
-        regions: list[dict] = []
-        images: dict[str, np.ndarray] = {}
         try:
-            for target in spec.targets:
-                url = task["data"][target.value_key]
-                if url not in images:
-                    started = time.perf_counter()
-                    images[url] = np.asarray(self.fetcher.fetch(url, task_id=task_id).convert("RGB"))
-                    self.metrics.fetch_seconds.observe(time.perf_counter() - started)
-                regions.extend(self._target_regions(images[url], target, spec.segmentation))
+            return self.predict_task_or_raise(task, spec)
         except (ImageError, ValueError, OSError) as err:
             self.metrics.task_failures.labels(reason=type(err).__name__).inc()
-            log.warning("task %s: no prediction: %s", task_id, err)
+            log.warning("task %s: no prediction: %s", task.get("id"), err)
             return prediction([], spec.model_version)
+
+    def predict_task_or_raise(self, task: Mapping, spec: ProjectSpec) -> dict:
+        """One task -> one prediction dict; image problems raise (:class:`ImageError`,
+        ``ValueError``, ``OSError``) so that a caller can report them."""
+        task_id = task.get("id")
+        predictor = self.predictor(spec.segmentation)
+        regions: list[dict] = []
+        areas: list[float] = []
+        embeddings: dict[str, ImageEmbedding] = {}
+        for target in spec.targets:
+            url = task["data"][target.value_key]
+            if url not in embeddings:  # several controls on one image share its embedding
+                started = time.perf_counter()
+                # decoding large JPEGs at a reduced scale is enough for the model input
+                image = self.fetcher.fetch(url, task_id=task_id, min_size=spec.segmentation.input_size)
+                width, height = original_size(image)
+                pixels = np.asarray(image)
+                self.metrics.fetch_seconds.observe(time.perf_counter() - started)
+                embeddings[url] = self.embed(predictor, pixels, (height, width))
+            result = predictor.predict(list(dict.fromkeys(target.prompts)), embeddings[url])
+            for region, area in self._target_regions(result, target):
+                regions.append(region)
+                areas.append(area)
         if not regions:
             return prediction([], spec.model_version)
-        total = sum(r["_area"] for r in regions)
-        score = sum(r["score"] * r["_area"] for r in regions) / max(total, 1e-12)
-        for r in regions:
-            del r["_area"]
+        score = sum(r["score"] * a for r, a in zip(regions, areas)) / max(sum(areas), 1e-12)
         return prediction(regions, spec.model_version, score=score)
 
-    def _target_regions(self, image: np.ndarray, target: BrushTarget, seg: SegmentationSettings) -> list[dict]:
-        prompts = list(dict.fromkeys(target.prompts))  # two labels may share a prompt
-        result = self.segment(image, prompts, seg)
-        regions, used = [], set()
+    @staticmethod
+    def _target_regions(result: Segmentation, target: BrushTarget) -> list[tuple[dict, float]]:
+        """Brush regions of one control: ``[(region, area fraction)]``."""
+        out, used = [], set()
         for label, prompt in zip(target.labels, target.prompts):
             if prompt not in result.scores or prompt in used:  # a shared prompt's mask goes to the first label
                 continue
@@ -265,10 +283,8 @@ class GEMService:
             score = result.scores[prompt]
             if target.score_threshold is not None and score < target.score_threshold:
                 continue
-            region = brush_region(result.mask(prompt), label, target, score)
-            region["_area"] = result.areas[prompt]
-            regions.append(region)
-        return regions
+            out.append((brush_region(result.mask(prompt), label, target, score), result.areas[prompt]))
+        return out
 
 
 def check_tasks(tasks: Any, targets: Sequence[BrushTarget]) -> None:
