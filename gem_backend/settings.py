@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -36,6 +37,8 @@ def parse_templates(value: str | list | tuple) -> tuple[str, ...]:
     """``openai`` (the 80 templates), ``|``-separated format strings, or a list of them."""
     if isinstance(value, (list, tuple)):
         items = [str(v) for v in value]
+    elif not isinstance(value, str):
+        raise SettingsError(f"templates must be a string or a list of strings, got {type(value).__name__}")
     elif value.strip().lower() in ("openai", "openai80", "imagenet"):
         return openai_templates()
     else:
@@ -49,6 +52,9 @@ def parse_templates(value: str | list | tuple) -> tuple[str, ...]:
 def _parse_prompts(value: str | list | tuple) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(str(v).strip() for v in value if str(v).strip())
+    if not isinstance(value, str):
+        raise SettingsError(f"background prompts must be a comma-separated string or a list, "
+                            f"got {type(value).__name__}")
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
@@ -133,8 +139,14 @@ class Settings:
         try:
             segmentation = SegmentationSettings(**seg)
         except ValueError as err:
-            raise SettingsError(str(err)) from None
+            # name the variable(s) the message is about, e.g. "threshold must be in [0, 1)"
+            named = [env_name for key, (env_name, _) in _SEG_FIELDS.items() if re.search(rf"\b{key}\b", str(err))]
+            raise SettingsError(f"{', '.join(named) or 'GEM_* segmentation settings'}: {err}") from None
         temp = env.get("GEM_SS_ATTN_TEMP", "").strip()
+        try:
+            ss_attn_temp = float(temp) if temp and temp.lower() != "none" else None
+        except ValueError:
+            raise SettingsError(f"GEM_SS_ATTN_TEMP={temp!r}: not a number (or 'none' for the adaptive one)") from None
         return cls(
             model=get("GEM_MODEL", str, base.model),
             pretrained=get("GEM_PRETRAINED", str, base.pretrained),
@@ -142,7 +154,7 @@ class Settings:
             precision=get("GEM_PRECISION", str, base.precision),
             depth=get("GEM_DEPTH", int, base.depth),
             ss_attn_iter=get("GEM_SS_ATTN_ITER", int, base.ss_attn_iter),
-            ss_attn_temp=float(temp) if temp and temp.lower() != "none" else None,
+            ss_attn_temp=ss_attn_temp,
             model_dir=get("MODEL_DIR", str, None),
             segmentation=segmentation,
             label_studio_url=get("LABEL_STUDIO_URL", str, None) or get("LABEL_STUDIO_HOST", str, None),
