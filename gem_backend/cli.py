@@ -2,6 +2,9 @@
 
     gem-backend predict IMAGE... --labels cat dog [--out DIR]   masks, overlay, Label Studio JSON
     gem-backend serve [--port 9090]                              the ML backend (gunicorn)
+    gem-backend eval --dataset voc21 --root DIR [--protocol gem]  mIoU on a benchmark (EVALUATION.md)
+    gem-backend prelabel --project ID [--queue [--wait]]         pre-annotate a whole project via the API
+    gem-backend worker                                           run queued pre-labeling jobs (REDIS_URL)
 
 Every setting comes from the environment (``GEM_*``, see README); flags override them.
 """
@@ -183,6 +186,106 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- eval
+def _float_or_none(value: str) -> float | None:
+    return None if value.strip().lower() in ("none", "off", "") else float(value)
+
+
+def _add_eval_parser(sub) -> None:
+    from .datasets import dataset_names
+    from .evaluation import METHODS, OI_SCORES, PROTOCOLS, RESIZE_MODES
+
+    p = sub.add_parser("eval", help="mIoU on a public segmentation benchmark (see EVALUATION.md)",
+                       description="Evaluate GEM (or vanilla CLIP) on a segmentation benchmark: mIoU, per-class "
+                                   "IoU and pixel accuracy as JSON and markdown; resumable; see EVALUATION.md.")
+    p.add_argument("--dataset", required=True, choices=dataset_names())
+    p.add_argument("--root", required=True, help="dataset folder, in the layout of its public download")
+    p.add_argument("--protocol", default="gem", choices=PROTOCOLS,
+                   help="gem: 448x448 one pass, one template (the paper); sclip: short side 336/448/560, "
+                        "slide 224/112, 80 templates, per-dataset logit scale and threshold; clearclip: "
+                        "ClearCLIP's settings (its re-run of GEM)")
+    p.add_argument("--method", default="gem", choices=METHODS, help="gem, or clip (vanilla CLIP patch tokens)")
+    p.add_argument("--out", help="results and per-image cache (default out/eval/DATASET-PROTOCOL-METHOD)")
+    p.add_argument("--save-predictions", metavar="DIR", help="write predicted label maps as palette PNGs")
+    p.add_argument("--limit", type=int, help="first N images only")
+    p.add_argument("--overwrite", action="store_true", help="discard a cached run with other settings in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=int, default=8, help="sliding windows per forward pass (default 8)")
+    g = p.add_argument_group("model (default: GEM_* environment variables)")
+    g.add_argument("--model", help="open_clip model name or config JSON path (GEM_MODEL)")
+    g.add_argument("--pretrained", help="pretrained tag, weights file, or 'none' (GEM_PRETRAINED)")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (GEM_DEVICE)")
+    g.add_argument("--precision", help="auto, fp32, bf16, fp16 (GEM_PRECISION)")
+    g.add_argument("--depth", type=int, help="GEM depth (GEM_DEPTH, default 7)")
+    g.add_argument("--ss-attn-iter", type=int, help="self-self attention iterations (GEM_SS_ATTN_ITER, default 1)")
+    g.add_argument("--ss-attn-temp", type=_float_or_none, default=argparse.SUPPRESS,
+                   help="fixed inverse temperature; 'none' = adaptive (GEM_SS_ATTN_TEMP)")
+    k = p.add_argument_group("protocol knobs (override the preset)")
+    k.add_argument("--resize", choices=RESIZE_MODES, help="square SxS, short side S, fit in SxS, or none")
+    k.add_argument("--input-size", type=int, help="S of --resize")
+    k.add_argument("--max-long-side", type=int, help="cap of the long side with --resize short (default 2048)")
+    k.add_argument("--crop", type=int, help="sliding window size in pixels; 0 = one pass")
+    k.add_argument("--stride", type=int, help="sliding window stride in pixels")
+    k.add_argument("--templates", help="'openai' (80) or '|'-separated format strings")
+    k.add_argument("--logit-scale", type=float, help="multiplier of cosines before the softmax")
+    k.add_argument("--prob-thd", type=float, help="best-class probability under which a pixel is background")
+    k.add_argument("--area-thd", type=_float_or_none, default=argparse.SUPPRESS,
+                   help="SCLIP's area filter fraction, or 'none'")
+    k.add_argument("--class-names", metavar="FILE", help="one line per class, synonyms separated by commas")
+    k.add_argument("--oi-score", choices=OI_SCORES, help="OpenImages point score (default minmax)")
+    k.add_argument("--oi-threshold", type=float, help="OpenImages: positive above this score (default 0.5)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    import dataclasses
+
+    from .datasets import DatasetError, read_class_names
+    from .evaluation import EvalConfig, EvalError, protocol_for, run_evaluation
+    from .models import ModelLoadError, load_gem_model
+    from .settings import Settings, SettingsError, parse_templates
+
+    try:
+        env = Settings.from_env()
+        protocol = protocol_for(args.protocol, args.dataset)
+        knobs = dict(resize=args.resize, size=args.input_size, max_long_side=args.max_long_side, crop=args.crop,
+                     stride=args.stride, logit_scale=args.logit_scale, prob_thd=args.prob_thd,
+                     oi_score=args.oi_score, oi_threshold=args.oi_threshold)
+        changes = {k: v for k, v in knobs.items() if v is not None}
+        if args.templates is not None:
+            changes["templates"] = parse_templates(args.templates)
+        if hasattr(args, "area_thd"):
+            changes["area_thd"] = args.area_thd
+        if args.class_names:
+            changes["prompts"] = read_class_names(args.class_names)
+        if changes.get("crop") and "stride" not in changes and not protocol.stride:
+            changes["stride"] = changes["crop"] // 2
+        protocol = dataclasses.replace(protocol, **changes)
+    except (ValueError, SettingsError, OSError) as err:
+        print(f"gem-backend eval: {err}", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_gem_model(args.model or env.model, args.pretrained or env.pretrained,
+                                device=args.device or env.device, precision=args.precision or env.precision,
+                                depth=args.depth if args.depth is not None else env.depth,
+                                ss_attn_iter=args.ss_attn_iter if args.ss_attn_iter is not None else env.ss_attn_iter,
+                                ss_attn_temp=args.ss_attn_temp if hasattr(args, "ss_attn_temp") else env.ss_attn_temp,
+                                cache_dir=env.model_dir)
+    except ModelLoadError as err:
+        print(f"gem-backend eval: {err}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("out", "eval", f"{args.dataset}-{args.protocol}-{args.method}")
+    cfg = EvalConfig(dataset=args.dataset, root=args.root, protocol=protocol, method=args.method, out_dir=out,
+                     save_predictions=args.save_predictions, limit=args.limit, overwrite=args.overwrite,
+                     progress=not args.no_progress, batch_size=args.batch_size)
+    try:
+        run_evaluation(cfg, loaded)
+    except (EvalError, DatasetError) as err:
+        print(f"gem-backend eval: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gem-backend", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (LOG_LEVEL)")
@@ -204,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     _add_model_flags(p)
     p.set_defaults(func=cmd_serve)
+
+    _add_eval_parser(sub)
+
+    from .prelabel import add_parsers as add_prelabel
+
+    add_prelabel(sub)  # prelabel, worker
+
+    from .bench import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 

@@ -1,0 +1,303 @@
+"""``gem-backend bench``: timings as JSON lines (or a table), side by side with the reference.
+
+Random weights throughout: the cost of a forward pass does not depend on their values.
+Sections:
+
+- ``forward``: GEM image tower per image (model, size, batch, precision, device), and the
+  same work as the reference's ``GEMWrapper.forward`` (text tower + maps) for the ratio;
+- ``text``: text encoding of 20 labels x 80 templates, cold (batched) and cached;
+- ``e2e``: one ``/predict``-equivalent task on a 12-megapixel JPEG with 20 labels, split
+  into decode / resize / forward / post-process / RLE;
+- ``rle``: ``gem_backend.brush.mask2rle`` vs ``label_studio_sdk``'s on 12-megapixel masks;
+- ``limit``: forward FLOPs and measured matmul throughput per dtype (the physical floor);
+- ``reference`` (with ``--reference VENV``): the official package timed in its own
+  environment by ``../shared/bench/time_reference.py``, and the ratio ours / reference.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _median_time(fn: Callable[[], object], runs: int, warmup: int = 1, sync: bool = False) -> tuple[float, list]:
+    times = []
+    for i in range(warmup + runs):
+        if sync:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(model: str, precision: str, device: str):
+    from .models import load_gem_model
+
+    return load_gem_model(model, None, device=device, precision=precision)
+
+
+def bench_forward(loaded, size: int, batch: int, labels: int, runs: int, warmup: int) -> dict:
+    gem = loaded.gem
+    x = torch.randn(batch, 3, size, size, device=loaded.device).to(loaded.dtype)
+    names = [f"object number {i}" for i in range(labels)]
+    sync = loaded.device.type == "cuda"
+    with torch.inference_mode():
+        image_s, _ = _median_time(lambda: gem.encode_image(x), runs, warmup, sync)
+        full_s, _ = _median_time(lambda: gem.similarity_maps(x, gem.encode_text(names)), runs, warmup, sync)
+    return dict(bench="forward", model=loaded.model_name, size=size, batch=batch, labels=labels,
+                dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device),
+                threads=torch.get_num_threads(), image_tower_s=image_s / batch,
+                with_text_and_maps_s=full_s / batch, images_per_s=batch / image_s)
+
+
+def bench_text(loaded, labels: int = 20, templates: int = 80) -> dict:
+    from .settings import openai_templates
+    from .text_cache import TextEmbeddingCache
+
+    gem = loaded.gem
+    tpl = openai_templates()[:templates]
+    names = [f"label {i}" for i in range(labels)]
+    cache = TextEmbeddingCache("bench")
+    calls = []
+
+    def encode(batch):
+        calls.append(len(batch))
+        with torch.inference_mode():
+            return gem.encode_text(batch, tpl).float().cpu().numpy()
+
+    started = time.perf_counter()
+    cache.get_or_encode(names, encode)
+    cold = time.perf_counter() - started
+    started = time.perf_counter()
+    cache.get_or_encode(names, encode)
+    warm = time.perf_counter() - started
+    return dict(bench="text", labels=labels, templates=len(tpl), cold_s=cold, cached_s=warm,
+                text_tower_calls_cold=len(calls[:1]), text_tower_calls_cached=len(calls) - 1)
+
+
+def _synthetic_photo(width: int = 4000, height: int = 3000, seed: int = 0) -> bytes:
+    """A 12-megapixel JPEG with smooth regions and texture (compresses like a photo)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(height // 100, width // 100, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+    noise = rng.integers(-12, 13, size=(height, width, 1), dtype=np.int16)
+    pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def bench_e2e(loaded, labels: int = 20, runs: int = 2) -> dict:
+    """One task as /predict does it, stage by stage, on a 12 MP JPEG."""
+    from .images import _decode, original_size
+    from .labelstudio import BrushTarget, brush_region, prediction
+    from .segmentation import GEMPredictor, ImageEmbedding, SegmentationSettings
+
+    data = _synthetic_photo()
+    names = [f"label {i}" for i in range(labels)]
+    # threshold 0: every pixel gets a label, so RLE sees many regions (the worst case)
+    settings = SegmentationSettings(threshold=0.0, min_area=0.0)
+    target = BrushTarget("tag", "image", "image", tuple(names), tuple(names))
+    text = {}  # text cost is the `text` section's; a warm request has none
+
+    def encode_cached(lab, tpl):
+        key = (tuple(lab), tuple(tpl))
+        if key not in text:
+            with torch.inference_mode():
+                text[key] = loaded.gem.encode_text(lab, tpl).float().cpu().numpy()
+        return text[key]
+
+    predictor = GEMPredictor(loaded, settings, text_encoder=encode_cached)
+    predictor.encode_text(names)
+    stages = {k: [] for k in ("decode", "resize", "forward", "postprocess", "rle")}
+    regions = 0
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        image = _decode(data, "bench.jpg", 100_000_000, "image/jpeg", min_size=settings.input_size)
+        width, height = original_size(image)
+        pixels = np.asarray(image)
+        t1 = time.perf_counter()
+        x = predictor.preprocess(pixels)
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            feat, _ = loaded.gem.encode_image(x)
+        t3 = time.perf_counter()
+        # the rest of set_image + predict: normalise patches, decide, upsample the label map
+        patches = torch.nn.functional.normalize(feat[0, 1:].float(), dim=-1).cpu()
+        emb = ImageEmbedding(patches, loaded.gem.grid_for(*x.shape[-2:]), tuple(x.shape[-2:]), (height, width))
+        seg = predictor.predict(names, emb)
+        masks = [(label, seg.mask(label)) for label in seg.present]
+        t4 = time.perf_counter()
+        result = prediction([brush_region(m, label, target, seg.scores[label]) for label, m in masks], "bench")
+        t5 = time.perf_counter()
+        regions = len(result["result"])
+        for key, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            stages[key].append(value)
+    med = {k: statistics.median(v) for k, v in stages.items()}
+    other = med["decode"] + med["resize"] + med["postprocess"] + med["rle"]
+    return dict(bench="e2e", image=f"{width}x{height} JPEG", labels=labels, regions=regions,
+                model_input=f"{x.shape[-1]}x{x.shape[-2]}", **{f"{k}_s": v for k, v in med.items()},
+                non_forward_over_forward=other / med["forward"], peak_rss_mb=peak_rss_mb())
+
+
+def bench_rle(runs: int = 3) -> list[dict]:
+    from label_studio_sdk.converter.brush import mask2rle as sdk_mask2rle
+
+    from .brush import mask2rle
+
+    rng = np.random.default_rng(0)
+    h, w = 3000, 4000
+    clean = np.zeros((h, w), np.uint8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for cy, cx, r in ((800, 900, 500), (2000, 2500, 700), (1500, 3500, 300)):
+        clean[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 255
+    speckle = np.where(rng.random((h, w)) < 0.5, 255, 0).astype(np.uint8)
+    out = []
+    for name, mask in (("clean", clean), ("speckle", speckle)):
+        ours, _ = _median_time(lambda: mask2rle(mask), runs, 1)
+        theirs, _ = _median_time(lambda: sdk_mask2rle(mask), 1, 0)
+        same = mask2rle(mask) == list(sdk_mask2rle(mask))
+        out.append(dict(bench="rle", mask=f"{name} {w}x{h}", ours_s=ours, sdk_s=theirs,
+                        speedup=theirs / ours, identical=bool(same)))
+    return out
+
+
+def bench_limit(loaded, size: int) -> dict:
+    """FLOPs of one forward and the matmul throughput of this machine per dtype."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(1, 3, size, size, device=loaded.device).to(loaded.dtype)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        loaded.gem.encode_image(x)
+    flops = counter.get_total_flops()
+    rates = {}
+    n = 1024
+    for name, dtype in _DTYPES.items():
+        if loaded.device.type == "cpu" and dtype == torch.float16:
+            continue
+        a = torch.randn(n, n, device=loaded.device, dtype=dtype)
+        b = torch.randn(n, n, device=loaded.device, dtype=dtype)
+        t, _ = _median_time(lambda: a @ b, 5, 2, loaded.device.type == "cuda")
+        rates[name] = 2 * n ** 3 / t / 1e9
+    floor = {k: flops / (v * 1e9) for k, v in rates.items()}
+    return dict(bench="limit", size=size, forward_gflop=flops / 1e9, matmul_gflops=rates, floor_s=floor)
+
+
+def bench_reference(venv: str, model: str, size: int, labels: int, runs: int, device: str) -> dict:
+    script = Path(__file__).resolve().parents[2] / "shared" / "bench" / "time_reference.py"
+    if not script.exists():
+        script = Path("../shared/bench/time_reference.py").resolve()
+    python = Path(venv) / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"no python in {venv}: build it with bash ../shared/bench/setup_reference.sh {venv}")
+    ref_model = {"ViT-B-16": "ViT-B/16", "ViT-L-14": "ViT-L/14", "ViT-B-32": "ViT-B/32"}.get(model, model)
+    proc = subprocess.run([str(python), str(script), "--model", ref_model, "--size", str(size), "--labels",
+                           str(labels), "--runs", str(runs), "--device", device],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"reference run failed:\n{proc.stderr[-2000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
+    return dict(bench="reference", **json.loads(line))
+
+
+def run(args) -> list[dict]:
+    """Run the selected sections; returns their records (also printed)."""
+    sections = set(args.sections.split(","))
+    records: list[dict] = []
+
+    def emit(rec: dict) -> None:
+        records.append(rec)
+        if args.json:
+            print(json.dumps(rec), flush=True)
+        else:
+            items = ", ".join(f"{k}={_fmt(v)}" for k, v in rec.items() if k != "bench")
+            print(f"{rec['bench']:>10}: {items}", flush=True)
+
+    precisions = args.precision.split(",")
+    fp32_forward = None
+    for precision in precisions:
+        loaded = build_model(args.model, precision, args.device)
+        if "forward" in sections:
+            rec = bench_forward(loaded, args.size, args.batch, args.labels, args.runs, args.warmup)
+            emit(rec)
+            if rec["dtype"] == "float32":
+                fp32_forward = rec
+            elif fp32_forward:
+                emit(dict(bench="ratio", what=f"{rec['dtype']} / float32 image tower",
+                          ratio=rec["image_tower_s"] / fp32_forward["image_tower_s"]))
+        if precision == precisions[0]:
+            if "text" in sections:
+                emit(bench_text(loaded))
+            if "e2e" in sections:
+                emit(bench_e2e(loaded, labels=20))
+            if "limit" in sections:
+                emit(bench_limit(loaded, args.size))
+    if "rle" in sections:
+        for rec in bench_rle():
+            emit(rec)
+    if args.reference:
+        ref = bench_reference(args.reference, args.model, args.size, args.labels, args.runs, args.device or "cpu")
+        emit(ref)
+        for rec in records:
+            if rec["bench"] == "forward":
+                emit(dict(bench="ratio", what=f"ours {rec['dtype']} / reference (same work)",
+                          ratio=rec["with_text_and_maps_s"] / ref["median_s"]))
+    emit(dict(bench="rss", peak_rss_mb=peak_rss_mb()))
+    return records
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time GEM and the request path (JSON lines with --json)")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (random weights)")
+    p.add_argument("--size", type=int, default=448, help="square input size (default 448)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--labels", type=int, default=5, help="labels of the forward section (default 5)")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16,fp16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--sections", default="forward,text,e2e,rle,limit")
+    p.add_argument("--reference", metavar="VENV", help="also time the official package in this venv")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of the table")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run(args)
+    return 0
+
