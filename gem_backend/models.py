@@ -130,7 +130,7 @@ def _file_weights_id_cached(path: str, size: int, mtime_ns: int) -> str:
         h.update(f.read(1 << 20))
         if size > 2 << 20:
             f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
+        h.update(f.read())  # the tail, or the rest of a file under 2 MiB
     return f"{Path(path).stem}-{h.hexdigest()[:8]}"
 
 
@@ -208,10 +208,14 @@ def load_gem_model(model_name: str = DEFAULT_MODEL, pretrained: str | None = DEF
     dev = resolve_device(device)
     dtype = resolve_dtype(precision, dev)
     name = model_name
+    preprocess = None
     if model_name.endswith(".json") or os.path.isfile(model_name):
         if not os.path.isfile(model_name):
             raise ModelLoadError(f"model config file not found: {model_name}")
         name = _register_config(model_name)
+        # an open_clip_config.json says how images were normalised in training (mean/std)
+        with open(model_name) as f:
+            preprocess = json.load(f).get("preprocess_cfg") or None
     elif model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
         raise ModelLoadError(f"unknown open_clip model {model_name!r}; see open_clip.list_models(), "
                              "or give the path of a model config JSON")
@@ -226,7 +230,8 @@ def load_gem_model(model_name: str = DEFAULT_MODEL, pretrained: str | None = DEF
                              f"tags known for it: {_known_tags(name)}")
 
     try:
-        model = open_clip.create_model(name, pretrained=tag, device="cpu", cache_dir=cache_dir)
+        model = open_clip.create_model(name, pretrained=tag, device="cpu", cache_dir=cache_dir,
+                                       force_preprocess_cfg=preprocess)
     except Exception as err:  # hub/network errors come in many types
         if tag and not os.path.isfile(tag):
             raise _download_hint(model_name, tag, err) from err
