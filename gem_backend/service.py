@@ -115,7 +115,7 @@ class GEMService:
             if self._loaded is None:
                 if self._load_error:
                     raise ModelUnavailable(self._load_error)
-                from .models import ModelLoadError, load_gem_model
+                from .models import load_gem_model
 
                 s = self.settings
                 started = time.perf_counter()
@@ -123,7 +123,9 @@ class GEMService:
                     self._loaded = load_gem_model(
                         s.model, s.pretrained, device=s.device, precision=s.precision, depth=s.depth,
                         ss_attn_iter=s.ss_attn_iter, ss_attn_temp=s.ss_attn_temp, cache_dir=s.model_dir)
-                except (ModelLoadError, OSError, ValueError) as err:
+                except Exception as err:  # noqa: BLE001 - e.g. RuntimeError for GEM_DEVICE=cuda without a
+                    # GPU: recorded, so /health says ERROR with the reason instead of UP, and /predict
+                    # answers 503 with it instead of retrying the load and failing with a bare 500
                     self._load_error = f"model {s.model!r} with weights {s.pretrained!r} could not load: {err}"
                     log.error("%s", self._load_error)
                     raise ModelUnavailable(self._load_error) from None
