@@ -56,9 +56,9 @@ class ProjectParams:
         if self._redis is not None:
             try:
                 self._redis.set(f"gem:project:{pid}:params", text)
-                return
             except Exception as err:  # never fail a request because of this store
                 log.warning("could not store project %s params in Redis: %s", pid, type(err).__name__)
+        # also on disk: the workers of this machine still agree while Redis is away
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
             tmp = self._dir / f".{pid}.json.tmp"

@@ -259,6 +259,8 @@ def run(args) -> list[dict]:
         for rec in bench_rle():
             emit(rec)
     if args.reference:
+        # same weights and input through both: outputs must agree, timings side by side
+        emit(compare_reference(args.reference, args.model, args.size, args.labels, args.runs))
         ref = bench_reference(args.reference, args.model, args.size, args.labels, args.runs, args.device or "cpu")
         emit(ref)
         for rec in records:
@@ -301,3 +303,60 @@ def cmd_bench(args) -> int:
     run(args)
     return 0
 
+
+
+_REFERENCE_SNIPPET = r"""
+import json, sys, time, numpy as np, torch, gem
+a = json.loads(sys.argv[1])
+torch.set_num_threads(torch.get_num_threads())
+model = gem.create_gem_model(a["model"], pretrained=a["weights"], device="cpu",
+                             gem_depth=a["depth"], ss_attn_iter=a["iter"]).eval()
+x = torch.from_numpy(np.load(a["input"]))
+with torch.no_grad():
+    out = model(x, a["labels"], normalize=False)
+    times = []
+    for _ in range(a["runs"]):
+        t = time.perf_counter(); model(x, a["labels"], normalize=False); times.append(time.perf_counter() - t)
+np.save(a["output"], out.numpy())
+print(json.dumps(dict(median_s=sorted(times)[len(times) // 2])))
+"""
+
+
+def compare_reference(venv: str, model: str = "ViT-B-16", size: int = 448, labels: int = 5,
+                      runs: int = 3, depth: int = 7, ss_attn_iter: int = 1) -> dict:
+    """Same random weights and input through the official package (in ``venv``) and ours.
+
+    Returns the largest absolute difference of the raw heat maps and both timings
+    (the same work: text tower, image tower, maps), float32 on CPU.
+    """
+    import tempfile
+
+    from .gem import GEM
+    from .models import load_gem_model
+
+    python = Path(venv) / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"no python in {venv}: build it with bash ../shared/bench/setup_reference.sh {venv}")
+    torch.manual_seed(0)
+    loaded = load_gem_model(model, None, device="cpu", precision="fp32", depth=depth, ss_attn_iter=ss_attn_iter)
+    names = [f"object number {i}" for i in range(labels)]
+    x = torch.randn(1, 3, size, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "weights.pt")
+        torch.save(loaded.gem.model.state_dict(), weights)
+        np.save(os.path.join(tmp, "x.npy"), x.numpy())
+        # gem.create_gem_model accepts open_clip names as they are
+        args = dict(model=model, weights=weights, depth=depth, iter=ss_attn_iter, input=os.path.join(tmp, "x.npy"),
+                    labels=names, runs=runs, output=os.path.join(tmp, "ref.npy"))
+        proc = subprocess.run([str(python), "-c", _REFERENCE_SNIPPET, json.dumps(args)],
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"reference run failed:\n{proc.stderr[-3000:]}")
+        ref_time = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])["median_s"]
+        ref = np.load(os.path.join(tmp, "ref.npy"))
+    gem = GEM(loaded.gem.model, depth=depth, ss_attn_iter=ss_attn_iter)
+    with torch.inference_mode():
+        ours = gem.similarity_maps(x, gem.encode_text(names)).numpy()
+        our_time, _ = _median_time(lambda: gem.similarity_maps(x, gem.encode_text(names)), runs, 1)
+    return dict(bench="compare", model=model, size=size, labels=labels, max_abs_diff=float(np.abs(ours - ref).max()),
+                ours_s=our_time, reference_s=ref_time, ratio=our_time / ref_time, threads=torch.get_num_threads())
