@@ -233,10 +233,16 @@ class GEM(nn.Module):
         """``[C, L]`` token ids on the model's device."""
         return self.tokenizer(list(prompts)).to(self.device)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text tower on literal prompts: ``[C, D]``, L2-normalised, model dtype."""
-        emb = self.model.encode_text(self.tokenize(prompts))
-        return F.normalize(emb, dim=-1)
+    def encode_prompts(self, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Text tower on literal prompts: ``[C, D]``, L2-normalised, model dtype.
+
+        At most ``batch_size`` prompts go through the tower at once, so 1000 labels x 80
+        templates stay within memory.
+        """
+        prompts = list(prompts)
+        out = [F.normalize(self.model.encode_text(self.tokenize(prompts[i:i + batch_size])), dim=-1)
+               for i in range(0, len(prompts), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device, dtype=self.dtype)
 
     def encode_text(self, labels: Sequence[str],
                     templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
@@ -255,7 +261,7 @@ class GEM(nn.Module):
             return torch.empty(0, self.embed_dim, device=self.device, dtype=self.dtype)
         if not templates:
             raise ValueError("at least one prompt template is needed")
-        # one text-tower call for all (template, label) pairs: [T*C, D] -> [T, C, D]
+        # all (template, label) pairs through the tower in batches: [T*C, D] -> [T, C, D]
         prompts = [t.format(label) for t in templates for label in labels]
         emb = self.encode_prompts(prompts).reshape(len(templates), len(labels), -1)
         if len(templates) == 1:
