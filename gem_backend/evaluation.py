@@ -1,0 +1,751 @@
+"""Benchmark harness: mIoU of GEM (or vanilla CLIP) on the public segmentation datasets.
+
+    gem-backend eval --dataset voc21 --root data/VOCdevkit --protocol gem
+
+Pipeline of one image (``[H, W, 3]`` uint8 RGB):
+
+1. **resize** per the protocol: ``square`` (S x S, bicubic, as GEM's reference transform),
+   ``short`` (short side S, long side at most ``max_long_side``, bilinear: mmseg's
+   ``Resize(scale=(2048, S), keep_ratio=True)``), ``fit`` (long side S: mmseg's
+   ``Resize(scale=(S, S), keep_ratio=True)``) or ``none``; then CLIP normalisation.
+2. **maps**: cosine similarity of every patch token with every text query, ``[Q, h, w]``.
+   Without ``crop`` the whole resized image is one window; with it, SCLIP's sliding window
+   (``crop`` x ``crop`` windows every ``stride`` pixels, the last one flush with the border;
+   each window's token map bilinearly upsampled to the window and the overlaps averaged).
+   A window whose side is not a multiple of the patch is zero-padded around its centre and
+   the padding cut off again (ClearCLIP/SegEarth-OV).
+3. **logits**: the maps bilinearly upsampled to ``H x W`` (``align_corners=False``).
+4. **decision** (:func:`decide`): ``softmax(logit_scale * logits)`` over the ``Q`` queries,
+   the max over each class's names gives the class probability, optional SCLIP area
+   filter, argmax, and pixels whose best probability is under ``prob_thd`` go to the
+   dataset's background class.
+5. **metric**: a ``C x C`` confusion matrix per image (rows ground truth, columns
+   prediction, ignore pixels left out), summed over the dataset; IoU = TP / (TP + FP + FN)
+   per class; a class with neither ground truth nor prediction has IoU NaN and is left out
+   of the mean, as mmseg's ``nanmean``. A class predicted but absent from the ground truth
+   counts with IoU 0.
+
+OpenImages V7 is point-labelled: per image the names of the classes checked there are the
+queries; each class map is scored at its points (:func:`point_scores`) and a point is
+predicted positive above ``oi_threshold``; per class TP/FP/FN over all its yes/no points
+give the point-wise IoU (Benenson and Ferrari 2022).
+
+Runs are resumable: each image's result is cached in ``OUT/cache/<name>.npz`` and a rerun
+with the same settings skips it. ``OUT/run.json`` fingerprints the settings; a different
+fingerprint refuses to mix results (``overwrite`` starts afresh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .datasets import (IGNORE, CLEARCLIP_VOC21_PROMPTS, DatasetSpec, OpenImagesV7, Sample, get_dataset,
+                       load_image, voc_palette)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Protocol", "PROTOCOLS", "protocol_for", "EvalError", "confusion_matrix", "segmentation_metrics",
+           "point_metrics", "sliding_windows", "resized_size", "decide", "point_scores", "Segmenter",
+           "EvalConfig", "run_evaluation", "results_markdown", "is_untrained", "GEM_TEMPLATE"]
+
+GEM_TEMPLATE = "a photo of a {}."
+PROTOCOLS = ("gem", "sclip", "clearclip")
+METHODS = ("gem", "clip")
+RESIZE_MODES = ("square", "short", "fit", "none")
+OI_SCORES = ("minmax", "softmax", "cosine")
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot run as asked; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------- protocols
+@dataclass(frozen=True)
+class Protocol:
+    """Everything between an image and its predicted label map.
+
+    Attributes:
+        name: the preset it started from (``gem``, ``sclip``, ``clearclip``).
+        resize: ``square``, ``short``, ``fit`` or ``none`` (see the module docstring).
+        size: S of the resize.
+        max_long_side: cap on the long side for ``short``.
+        crop, stride: sliding window in pixels of the resized image; ``crop = 0``: one pass.
+        templates: prompt templates (several: mean of normalised embeddings, renormalised).
+        logit_scale: multiplier of cosine similarities before the softmax over queries.
+        prob_thd: best class probability under which a pixel becomes background.
+        area_thd: SCLIP's area filter: foreground classes predicted on at most this
+            fraction of the foreground pixels lose their probability (None: off).
+        prompts: per-class query names; None: the dataset's.
+        oi_score, oi_threshold: OpenImages decision: per-class ``minmax``-normalised map,
+            ``softmax`` over the image's classes, or raw ``cosine``; positive above threshold.
+    """
+
+    name: str
+    resize: str = "square"
+    size: int = 448
+    max_long_side: int = 2048
+    crop: int = 0
+    stride: int = 0
+    templates: tuple[str, ...] = (GEM_TEMPLATE,)
+    logit_scale: float = 100.0
+    prob_thd: float = 0.0
+    area_thd: float | None = None
+    prompts: tuple[tuple[str, ...], ...] | None = None
+    oi_score: str = "minmax"
+    oi_threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.size < 1 or self.max_long_side < 1:
+            raise ValueError("size and max_long_side must be positive")
+        if self.crop < 0 or (self.crop > 0 and not 0 < self.stride):
+            raise ValueError("crop must be >= 0, and a sliding window needs stride > 0")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ValueError("templates must be non-empty format strings with '{}'")
+        if self.logit_scale <= 0:
+            raise ValueError("logit_scale must be > 0")
+        if not 0.0 <= self.prob_thd < 1.0:
+            raise ValueError("prob_thd must be in [0, 1)")
+        if self.area_thd is not None and not 0.0 <= self.area_thd < 1.0:
+            raise ValueError("area_thd must be in [0, 1)")
+        if self.oi_score not in OI_SCORES:
+            raise ValueError(f"oi_score must be one of {', '.join(OI_SCORES)}")
+
+    def describe(self) -> dict:
+        """JSON-able settings."""
+        d = dataclasses.asdict(self)
+        d["templates"] = list(self.templates)
+        d["prompts"] = None if self.prompts is None else [list(p) for p in self.prompts]
+        return d
+
+
+# SCLIP's configs (wangf3014/SCLIP configs/cfg_*.py; defaults logit_scale 40, prob_thd 0,
+# slide 224/112) and SegEarth-OV's for the remote-sensing sets (likyoo/SegEarth-OV: Resize
+# (448, 448) keep_ratio, logit_scale 50, slide 224/112).
+_SCLIP = {
+    "voc21": dict(size=336, logit_scale=65.0, prob_thd=0.1, area_thd=0.1),
+    "voc20": dict(size=336),
+    "context60": dict(size=336, logit_scale=50.0, prob_thd=0.1),
+    "context59": dict(size=336),
+    "coco-object": dict(size=336, logit_scale=50.0, prob_thd=0.1),
+    "coco-stuff": dict(size=448),
+    "cityscapes": dict(size=560),
+    "ade20k": dict(size=336),
+    "loveda": dict(resize="fit", size=448, logit_scale=50.0, prob_thd=0.3),
+    "potsdam": dict(resize="fit", size=448, logit_scale=50.0, prob_thd=0.1),
+    "vaihingen": dict(resize="fit", size=448, logit_scale=50.0, prob_thd=0.1),
+    "isaid": dict(resize="fit", size=448, logit_scale=50.0, prob_thd=0.4),
+    "openimages-v7": dict(size=336),
+}
+# ClearCLIP's configs (mc-lan/ClearCLIP): short side 448, slide 448/224, logit_scale 50;
+# the protocol of its re-run of GEM. Remote-sensing sets keep SegEarth-OV's settings.
+_CLEARCLIP = {
+    "voc21": dict(prob_thd=0.5, prompts=CLEARCLIP_VOC21_PROMPTS),
+    "context60": dict(prob_thd=0.15),
+    "coco-object": dict(prob_thd=0.4),
+    "cityscapes": dict(crop=224, stride=224),
+}
+_REMOTE = ("loveda", "potsdam", "vaihingen", "isaid")
+
+
+def protocol_for(name: str, dataset: str) -> Protocol:
+    """The preset ``name`` (``gem``, ``sclip``, ``clearclip``) for ``dataset``."""
+    from .settings import openai_templates
+
+    name = name.lower()
+    if name == "gem":
+        # the paper: one pass at 448 x 448, one template, argmax (no threshold)
+        return Protocol("gem")
+    if name == "sclip" or (name == "clearclip" and dataset in _REMOTE):
+        base = dict(resize="short", size=336, crop=224, stride=112, templates=openai_templates(),
+                    logit_scale=40.0, prob_thd=0.0)
+        base.update(_SCLIP.get(dataset, {}))
+        return Protocol(name, **base)
+    if name == "clearclip":
+        base = dict(resize="short", size=448, crop=448, stride=224, templates=openai_templates(),
+                    logit_scale=50.0, prob_thd=0.0)
+        base.update(_CLEARCLIP.get(dataset, {}))
+        return Protocol(name, **base)
+    raise ValueError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
+
+
+# ---------------------------------------------------------------------------------- metrics
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = IGNORE) -> np.ndarray:
+    """``[C, C]`` int64 counts, row = ground-truth class, column = predicted class.
+
+    Args:
+        pred: ``[H, W]`` predicted classes in ``0..C-1``.
+        gt: ``[H, W]`` ground truth in ``0..C-1``, ``ignore_index`` for unscored pixels.
+    Raises:
+        ValueError: on a shape mismatch or a value outside ``0..C-1`` where scored.
+    """
+    pred = np.asarray(pred)
+    gt = np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+    valid = gt != ignore_index
+    p = pred[valid].astype(np.int64)
+    g = gt[valid].astype(np.int64)
+    if p.size and (p.min() < 0 or p.max() >= num_classes or g.min() < 0 or g.max() >= num_classes):
+        raise ValueError(f"class values must lie in 0..{num_classes - 1} (or {ignore_index} in the ground truth)")
+    return np.bincount(g * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(cm: np.ndarray) -> dict:
+    """Scores of a summed confusion matrix (rows ground truth, columns prediction).
+
+    Returns:
+        ``iou`` and ``acc``: ``[C]`` float, NaN where undefined (IoU: no ground truth and
+        no prediction; Acc: no ground truth); ``mIoU``, ``mAcc``: NaN-means, ``aAcc``:
+        correct / scored pixels; all fractions in [0, 1].
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    gt = cm.sum(axis=1)
+    pred = cm.sum(axis=0)
+    union = gt + pred - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        acc = np.where(gt > 0, tp / gt, np.nan)
+    total = cm.sum()
+    return dict(iou=iou, acc=acc,
+                mIoU=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+                mAcc=float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan"),
+                aAcc=float(tp.sum() / total) if total > 0 else float("nan"),
+                gt_pixels=gt.astype(np.int64), pred_pixels=pred.astype(np.int64))
+
+
+def point_metrics(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray) -> dict:
+    """Point-wise scores per class (Benenson and Ferrari 2022): IoU = TP / (TP + FP + FN)
+    over the class's yes/no points; NaN (left out of the mean) where that is 0/0.
+    ``aAcc`` is the fraction of all scored points classified right."""
+    tp, fp, fn, tn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, fn, tn))
+    denom = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(denom > 0, tp / denom, np.nan)
+        acc = np.where(tp + fn > 0, tp / (tp + fn), np.nan)  # recall of the yes points
+    total = (tp + fp + fn + tn).sum()
+    return dict(iou=iou, acc=acc,
+                mIoU=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+                mAcc=float(np.nanmean(acc)) if np.isfinite(acc).any() else float("nan"),
+                aAcc=float((tp.sum() + tn.sum()) / total) if total > 0 else float("nan"))
+
+
+# ---------------------------------------------------------------------------------- geometry
+def resized_size(height: int, width: int, protocol: Protocol) -> tuple[int, int]:
+    """``(h, w)`` of the model's view of an ``height x width`` image (mmcv's rounding)."""
+    if protocol.resize == "square":
+        return protocol.size, protocol.size
+    if protocol.resize == "none":
+        return height, width
+    long_side, short_side = max(height, width), min(height, width)
+    if protocol.resize == "short":
+        scale = min(protocol.max_long_side / long_side, protocol.size / short_side)
+    else:  # fit: the image inside S x S
+        scale = protocol.size / long_side
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """SCLIP/mmseg sliding windows ``(y1, y2, x1, x2)`` over an ``height x width`` image.
+
+    Windows start every ``stride`` pixels; the last one in each direction is moved back to
+    end at the border; an image smaller than ``crop`` is one window of its own size.
+    """
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    out = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
+            out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return out
+
+
+def _centre_pad(h: int, w: int, patch: int) -> tuple[int, int, int, int]:
+    """``(left, right, top, bottom)`` padding to the next multiple of the patch."""
+    lr = (-w) % patch
+    tb = (-h) % patch
+    return lr // 2, lr - lr // 2, tb // 2, tb - tb // 2
+
+
+# ---------------------------------------------------------------------------------- decision
+def decide(logits: torch.Tensor, query_class: torch.Tensor, num_classes: int, logit_scale: float,
+           prob_thd: float = 0.0, area_thd: float | None = None, background: int | None = None) -> torch.Tensor:
+    """Label map from per-query logits (SCLIP's post-processing).
+
+    Args:
+        logits: ``[Q, H, W]`` cosine similarities.
+        query_class: ``[Q]`` long, the class of each query (every class has >= 1 query).
+        num_classes: ``C``.
+        logit_scale: multiplier before the softmax over the ``Q`` queries.
+        prob_thd: pixels whose best class probability is under it become ``background``.
+        area_thd: foreground classes whose argmax area is not above this fraction of all
+            foreground argmax pixels get probability 0 (SCLIP's ``area_thd``).
+        background: the background class (needed by either threshold).
+    Returns:
+        ``[H, W]`` long in ``0..C-1``.
+    """
+    q, h, w = logits.shape
+    probs = torch.softmax(logits.float() * logit_scale, dim=0)
+    if q == num_classes and torch.equal(query_class.cpu(), torch.arange(num_classes)):
+        cls = probs
+    else:  # the best of each class's names
+        cls = torch.zeros(num_classes, h * w, dtype=probs.dtype, device=probs.device)
+        index = query_class.to(probs.device).view(q, 1).expand(q, h * w)
+        cls = cls.scatter_reduce(0, index, probs.reshape(q, h * w), reduce="amax", include_self=False)
+        cls = cls.view(num_classes, h, w)
+    if (prob_thd > 0 or area_thd is not None) and background is None:
+        raise ValueError("a probability or area threshold needs a background class")
+    if area_thd is not None:
+        counts = torch.bincount(cls.argmax(0).flatten(), minlength=num_classes).to(cls.dtype)
+        fg = torch.ones(num_classes, dtype=torch.bool, device=cls.device)
+        fg[background] = False
+        keep = counts > area_thd * counts[fg].sum()
+        cls = cls * torch.where(fg & ~keep, 0.0, 1.0).to(cls.dtype).view(num_classes, 1, 1)
+    best, pred = cls.max(dim=0)
+    if prob_thd > 0:
+        pred[best < prob_thd] = background
+    return pred
+
+
+def point_scores(maps: torch.Tensor, x: torch.Tensor, y: torch.Tensor, local_class: torch.Tensor,
+                 mode: str = "minmax", logit_scale: float = 100.0) -> torch.Tensor:
+    """Scores of point labels from low-resolution class maps.
+
+    Args:
+        maps: ``[K, h, w]`` cosine maps covering the whole image.
+        x, y: ``[P]`` relative point positions in ``[0, 1]``.
+        local_class: ``[P]`` long, the map (``0..K-1``) each point asks about.
+        mode: ``minmax`` (each map stretched to [0, 1] over the image), ``softmax`` (over
+            the ``K`` maps with ``logit_scale``), ``cosine`` (raw).
+    Returns:
+        ``[P]`` float scores, bilinearly sampled where the maps, upsampled to the image
+        with ``align_corners=False``, would have them.
+    """
+    maps = maps.float()
+    k = maps.shape[0]
+    if mode == "minmax":
+        flat = maps.reshape(k, -1)
+        lo, hi = flat.min(1).values.view(k, 1, 1), flat.max(1).values.view(k, 1, 1)
+        maps = (maps - lo) / (hi - lo).clamp_min(1e-12)
+    elif mode == "softmax":
+        maps = torch.softmax(maps * logit_scale, dim=0)
+    elif mode != "cosine":
+        raise ValueError(f"unknown point score mode {mode!r}")
+    grid = torch.stack([x * 2 - 1, y * 2 - 1], dim=-1).to(maps).view(1, 1, -1, 2)
+    sampled = F.grid_sample(maps[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    sampled = sampled[0, :, 0, :]  # [K, P]
+    return sampled.gather(0, local_class.to(sampled.device).view(1, -1))[0]
+
+
+# ---------------------------------------------------------------------------------- model side
+class Segmenter:
+    """Per-query similarity maps of images under a protocol.
+
+    Args:
+        loaded: a :class:`gem_backend.models.LoadedModel`.
+        protocol: the :class:`Protocol`.
+        method: ``gem`` (GEM's patch tokens) or ``clip`` (the vanilla CLIP patch tokens of
+            the unmodified path, the MaskCLIP-style baseline without its value trick).
+        batch_size: sliding windows per forward pass.
+    """
+
+    def __init__(self, loaded, protocol: Protocol, method: str = "gem", batch_size: int = 8):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.gem = loaded.gem
+        self.device = loaded.device
+        self.protocol = protocol
+        self.method = method
+        self.batch_size = max(1, int(batch_size))
+        self.mean = torch.tensor(loaded.mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
+        self.std = torch.tensor(loaded.std, dtype=torch.float32, device=self.device).view(3, 1, 1)
+        self.patch = self.gem.patch_size[0]
+
+    # ------------------------------------------------------------------ text
+    def encode(self, names: Sequence[str], chunk: int = 32) -> torch.Tensor:
+        """``[Q, D]`` float32 L2-normalised query embeddings (templates ensembled)."""
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(names), chunk):  # bounded text-tower batches: T * chunk prompts
+                out.append(self.gem.encode_text(list(names[i:i + chunk]), self.protocol.templates).float())
+        return torch.cat(out) if out else torch.empty(0, self.gem.embed_dim, device=self.device)
+
+    # ------------------------------------------------------------------ image
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """``[H, W, 3]`` uint8 -> ``[3, h, w]`` normalised float32 on the device."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be [H, W, 3] uint8, got {image.shape} {image.dtype}")
+        height, width = image.shape[:2]
+        h, w = resized_size(height, width, self.protocol)
+        if self.protocol.resize == "square" and (h, w) != (height, width):
+            # GEM's reference transform: PIL bicubic on the PIL image
+            image = np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC))
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1).float()
+        if self.protocol.resize != "square" and (h, w) != (height, width):
+            # mmcv/cv2 INTER_LINEAR: bilinear without antialiasing, back to 8-bit values
+            x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            x = x.round().clamp(0, 255)
+        return (x / 255.0 - self.mean) / self.std
+
+    def _tokens(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, h, w]`` (multiples of the patch) -> ``[B, Q, h/P, w/P]`` float32 cosine."""
+        feat_gem, feat_ori = self.gem.encode_image(x)
+        feat = feat_gem if self.method == "gem" else feat_ori
+        grid = self.gem.grid_for(x.shape[-2], x.shape[-1])
+        return self.gem.patch_similarity(feat, text, grid).float()
+
+    def _windows(self, x: torch.Tensor, boxes: list[tuple[int, int, int, int]], text: torch.Tensor,
+                 full_size: bool) -> list[torch.Tensor]:
+        """Maps of the windows ``boxes`` of ``x`` ``[3, h, w]``, each ``[Q, y2-y1, x2-x1]``
+        (or the token map itself when ``full_size`` is False and no padding was needed)."""
+        out: list[torch.Tensor | None] = [None] * len(boxes)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, (y1, y2, x1, x2) in enumerate(boxes):
+            by_shape.setdefault((y2 - y1, x2 - x1), []).append(i)
+        for (ch, cw), idx in by_shape.items():
+            left, right, top, bottom = _centre_pad(ch, cw, self.patch)
+            padded = any((left, right, top, bottom))
+            for start in range(0, len(idx), self.batch_size):
+                part = idx[start:start + self.batch_size]
+                crops = torch.stack([x[:, boxes[i][0]:boxes[i][1], boxes[i][2]:boxes[i][3]] for i in part])
+                if padded:
+                    crops = F.pad(crops, (left, right, top, bottom))
+                tokens = self._tokens(crops, text)
+                for j, i in enumerate(part):
+                    t = tokens[j:j + 1]
+                    if padded or full_size:
+                        t = F.interpolate(t, size=tuple(crops.shape[-2:]), mode="bilinear", align_corners=False)
+                        t = t[:, :, top:top + ch, left:left + cw]
+                    out[i] = t[0]
+        return out  # type: ignore[return-value]
+
+    def maps(self, image: np.ndarray, text: torch.Tensor) -> torch.Tensor:
+        """``[Q, h', w']`` float32 similarity maps whose extent is the whole image
+        (token resolution for one unpadded pass, resized-image resolution otherwise)."""
+        with torch.inference_mode():
+            x = self.prepare(image)
+            h, w = x.shape[-2:]
+            p = self.protocol
+            if p.crop <= 0:
+                return self._windows(x, [(0, h, 0, w)], text, full_size=False)[0]
+            boxes = sliding_windows(h, w, p.crop, p.stride)
+            preds = torch.zeros(text.shape[0], h, w, device=self.device)
+            count = torch.zeros(1, h, w, device=self.device)
+            for (y1, y2, x1, x2), m in zip(boxes, self._windows(x, boxes, text, full_size=True)):
+                preds[:, y1:y2, x1:x2] += m
+                count[:, y1:y2, x1:x2] += 1
+            return preds / count
+
+    def logits(self, image: np.ndarray, text: torch.Tensor) -> torch.Tensor:
+        """``[Q, H, W]`` float32 similarity maps at the image's own size."""
+        m = self.maps(image, text)
+        with torch.inference_mode():
+            return F.interpolate(m[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+
+
+def is_untrained(loaded) -> bool:
+    """True for random weights: ``pretrained`` none, or a CLIP whose learnt temperature is
+    still near its initial value 1/0.07 (exp(logit_scale) < 20; trained CLIPs sit near 100)."""
+    if loaded.random_weights:
+        return True
+    scale = getattr(loaded.gem.model, "logit_scale", None)
+    try:
+        return bool(scale is not None and float(scale.detach().float().exp()) < 20.0)
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------- the run
+@dataclass
+class EvalConfig:
+    """One evaluation run.
+
+    Attributes:
+        dataset: a name of :data:`gem_backend.datasets.DATASETS`.
+        root: the dataset folder.
+        protocol: the :class:`Protocol` (presets from :func:`protocol_for`, then overrides).
+        method: ``gem`` or ``clip``.
+        out_dir: results, the per-image cache and ``run.json``.
+        save_predictions: folder for the predicted label maps (palette PNGs), or None.
+        limit: evaluate the first N images only.
+        overwrite: discard results of a run with other settings in ``out_dir``.
+        progress: show a progress bar (tqdm, with ETA).
+        batch_size: sliding windows per forward pass.
+    """
+
+    dataset: str
+    root: str
+    protocol: Protocol
+    method: str = "gem"
+    out_dir: str = "out/eval"
+    save_predictions: str | None = None
+    limit: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+    batch_size: int = 8
+
+
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch in _SAFE else "_" for ch in name)
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _fingerprint(cfg: EvalConfig, loaded, classes: Sequence[str], prompts) -> dict:
+    gem = loaded.gem
+    return dict(dataset=cfg.dataset, root=str(Path(cfg.root).resolve()), method=cfg.method,
+                protocol=cfg.protocol.describe(), model=loaded.model_name, weights=loaded.weights_id,
+                dtype=str(loaded.dtype).replace("torch.", ""), depth=gem.depth, ss_attn_iter=gem.ss_attn_iter,
+                ss_attn_temp=gem.ss_attn_temp, classes=list(classes),
+                prompts=None if prompts is None else [list(p) for p in prompts])
+
+
+def _open_run(cfg: EvalConfig, fingerprint: dict) -> Path:
+    """Create or reopen ``out_dir``; refuse to mix results of other settings."""
+    out = Path(cfg.out_dir)
+    cache = out / "cache"
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    run_file = out / "run.json"
+    if run_file.is_file():
+        old = json.loads(run_file.read_text())
+        if old.get("digest") != digest:
+            if not cfg.overwrite:
+                changed = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
+                raise EvalError(f"{out} holds a run with other settings (differs in: {', '.join(changed) or '?'}); "
+                                "pass --overwrite to discard it, or another --out")
+            shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps(dict(digest=digest, fingerprint=fingerprint), indent=1))
+    return cache
+
+
+def _save_png(path: Path, label_map: np.ndarray, palette: np.ndarray) -> None:
+    img = Image.fromarray(label_map.astype(np.uint8))
+    img.putpalette(palette.ravel().tolist())  # 'L' -> 'P': the pixel values stay the class indices
+    tmp = path.with_name(path.name + ".tmp.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def run_evaluation(cfg: EvalConfig, loaded, echo: Callable[[str], None] = print) -> dict:
+    """Evaluate ``loaded`` on ``cfg.dataset``; write ``results.json`` and ``results.md``.
+
+    Returns:
+        the results dict (also in ``OUT/results.json``): mIoU, mAcc, aAcc in percent,
+        per-class IoU/Acc, the settings, the number of images, and ``random_weights``.
+    """
+    spec = get_dataset(cfg.dataset)
+    untrained = is_untrained(loaded)
+    if untrained:
+        echo("note: the model has random (untrained) weights: these numbers mean nothing; "
+             "they only show that the harness runs")
+    segmenter = Segmenter(loaded, cfg.protocol, cfg.method, cfg.batch_size)
+    if spec.kind == "points":
+        return _run_points(cfg, spec, loaded, segmenter, untrained, echo)
+
+    prompts = cfg.protocol.prompts or spec.prompts
+    if len(prompts) != len(spec.classes):
+        raise EvalError(f"{len(prompts)} prompt sets given for the {len(spec.classes)} classes of {spec.name}")
+    p = cfg.protocol
+    if (p.prob_thd > 0 or p.area_thd is not None) and spec.background is None:
+        raise EvalError(f"{spec.name} has no background class: prob_thd and area_thd must be off")
+    samples = spec.samples(cfg.root)
+    if cfg.limit is not None:
+        samples = samples[: cfg.limit]
+    names = [n for group in prompts for n in group]
+    query_class = torch.tensor([c for c, group in enumerate(prompts) for _ in group], dtype=torch.long)
+    num_classes = len(spec.classes)
+    cache = _open_run(cfg, _fingerprint(cfg, loaded, spec.classes, prompts))
+    pred_dir = Path(cfg.save_predictions) if cfg.save_predictions else None
+    if pred_dir:
+        pred_dir.mkdir(parents=True, exist_ok=True)
+    palette = voc_palette()
+
+    def done(s: Sample) -> bool:
+        return (cache / f"{_safe(s.name)}.npz").is_file() and (
+            pred_dir is None or (pred_dir / f"{_safe(s.name)}.png").is_file())
+
+    todo = [s for s in samples if not done(s)]
+    text = segmenter.encode(names) if todo else None
+    started = time.monotonic()
+    for s in _progress(todo, len(samples), cfg, spec):
+        image = load_image(s.image_path)
+        gt = s.load_label()
+        if gt.shape != image.shape[:2]:
+            raise EvalError(f"{s.name}: image {image.shape[:2]} and label {gt.shape} differ in size")
+        logits = segmenter.logits(image, text)
+        pred = decide(logits, query_class, num_classes, p.logit_scale, p.prob_thd, p.area_thd,
+                      spec.background).cpu().numpy().astype(np.uint8)
+        cm = confusion_matrix(pred, gt, num_classes)
+        flat = np.flatnonzero(cm)
+        _atomic_savez(cache / f"{_safe(s.name)}.npz", index=flat.astype(np.int32), count=cm.ravel()[flat])
+        if pred_dir is not None:
+            _save_png(pred_dir / f"{_safe(s.name)}.png", pred, palette)
+    elapsed = time.monotonic() - started
+
+    total = np.zeros(num_classes * num_classes, dtype=np.int64)
+    for s in samples:
+        with np.load(cache / f"{_safe(s.name)}.npz") as z:
+            np.add.at(total, z["index"], z["count"])
+    cm = total.reshape(num_classes, num_classes)
+    np.save(Path(cfg.out_dir) / "confusion.npy", cm)
+    m = segmentation_metrics(cm)
+    per_class = [dict(name=name, iou=_pct(m["iou"][c]), acc=_pct(m["acc"][c]),
+                      gt_pixels=int(m["gt_pixels"][c]), pred_pixels=int(m["pred_pixels"][c]))
+                 for c, name in enumerate(spec.classes)]
+    results = _results(cfg, spec, loaded, untrained, len(samples), len(samples) - len(todo), elapsed, m, per_class,
+                       metric=("confusion matrix summed over the images; IoU = TP/(TP+FP+FN) per class; "
+                               "classes with no ground truth and no prediction are NaN and left out of the "
+                               "mean (mmseg's nanmean); 255 = ignored"))
+    _write_results(cfg, results, echo)
+    return results
+
+
+def _run_points(cfg: EvalConfig, spec: DatasetSpec, loaded, segmenter: Segmenter, untrained: bool, echo) -> dict:
+    p = cfg.protocol
+    oi = OpenImagesV7(Path(cfg.root))
+    samples = oi.samples()
+    if cfg.limit is not None:
+        samples = samples[: cfg.limit]
+    cache = _open_run(cfg, _fingerprint(cfg, loaded, [], None))
+    pred_dir = Path(cfg.save_predictions) if cfg.save_predictions else None
+    if pred_dir:
+        pred_dir.mkdir(parents=True, exist_ok=True)
+
+    def done(s: Sample) -> bool:
+        return (cache / f"{_safe(s.name)}.npz").is_file() and (
+            pred_dir is None or (pred_dir / f"{_safe(s.name)}.json").is_file())
+
+    todo = [s for s in samples if not done(s)]
+    text_cache: dict[int, torch.Tensor] = {}
+    started = time.monotonic()
+    for s in _progress(todo, len(samples), cfg, spec):
+        pts = s.points
+        classes = np.unique(pts.cls)
+        missing = [int(c) for c in classes if int(c) not in text_cache]
+        if missing:
+            for c, emb in zip(missing, segmenter.encode([oi.names[c] for c in missing])):
+                text_cache[c] = emb
+        text = torch.stack([text_cache[int(c)] for c in classes])
+        image = load_image(s.image_path)
+        maps = segmenter.maps(image, text)
+        local = torch.from_numpy(np.searchsorted(classes, pts.cls))
+        scores = point_scores(maps, torch.from_numpy(pts.x), torch.from_numpy(pts.y), local, p.oi_score,
+                              p.logit_scale).cpu().numpy()
+        positive_pred = scores > p.oi_threshold
+        tp = np.bincount(local.numpy(), weights=pts.positive & positive_pred, minlength=len(classes))
+        fn = np.bincount(local.numpy(), weights=pts.positive & ~positive_pred, minlength=len(classes))
+        fp = np.bincount(local.numpy(), weights=~pts.positive & positive_pred, minlength=len(classes))
+        tn = np.bincount(local.numpy(), weights=~pts.positive & ~positive_pred, minlength=len(classes))
+        _atomic_savez(cache / f"{_safe(s.name)}.npz", cls=classes.astype(np.int64), tp=tp.astype(np.int64),
+                      fp=fp.astype(np.int64), fn=fn.astype(np.int64), tn=tn.astype(np.int64))
+        if pred_dir is not None:
+            rows = [dict(x=float(pts.x[i]), y=float(pts.y[i]), label=oi.mids[int(pts.cls[i])],
+                         name=oi.names[int(pts.cls[i])], yes=bool(pts.positive[i]), score=float(scores[i]),
+                         predicted=bool(positive_pred[i])) for i in range(len(scores))]
+            (pred_dir / f"{_safe(s.name)}.json").write_text(json.dumps(dict(image=s.name, points=rows)))
+    elapsed = time.monotonic() - started
+
+    n = len(oi.names)
+    tp, fp, fn, tn = (np.zeros(n, dtype=np.int64) for _ in range(4))
+    for s in samples:
+        with np.load(cache / f"{_safe(s.name)}.npz") as z:
+            for arr, key in ((tp, "tp"), (fp, "fp"), (fn, "fn"), (tn, "tn")):
+                np.add.at(arr, z["cls"], z[key])
+    m = point_metrics(tp, fp, fn, tn)
+    scored = np.flatnonzero(tp + fp + fn + tn)
+    per_class = [dict(name=oi.names[c], label=oi.mids[c], iou=_pct(m["iou"][c]), acc=_pct(m["acc"][c]),
+                      yes_points=int(tp[c] + fn[c]), no_points=int(fp[c] + tn[c])) for c in scored]
+    results = _results(cfg, spec, loaded, untrained, len(samples), len(samples) - len(todo), elapsed, m, per_class,
+                       metric=("point-wise IoU per class over its yes/no points (unsure dropped), TP/(TP+FP+FN); "
+                               "classes with TP+FP+FN = 0 left out of the mean; aAcc = points classified "
+                               "right; Acc = recall of yes points"))
+    _write_results(cfg, results, echo)
+    return results
+
+
+def _progress(todo: list, total: int, cfg: EvalConfig, spec: DatasetSpec):
+    from tqdm import tqdm
+
+    bar = tqdm(todo, total=total, initial=total - len(todo), unit="img", dynamic_ncols=True,
+               desc=f"{spec.name} [{cfg.protocol.name}/{cfg.method}]", disable=not cfg.progress)
+    yield from bar
+    bar.close()
+
+
+def _pct(v: float) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v) * 100.0
+
+
+def _results(cfg, spec, loaded, untrained, n_images, n_cached, elapsed, m, per_class, metric) -> dict:
+    out = dict(
+        dataset=spec.name, title=spec.title, root=str(cfg.root), protocol=cfg.protocol.name, method=cfg.method,
+        model=loaded.model_name, pretrained=loaded.pretrained, weights_id=loaded.weights_id,
+        dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device),
+        gem=dict(depth=loaded.gem.depth, ss_attn_iter=loaded.gem.ss_attn_iter, ss_attn_temp=loaded.gem.ss_attn_temp),
+        random_weights=untrained,
+        images=n_images, images_from_cache=n_cached, limit=cfg.limit, seconds=round(elapsed, 2),
+        mIoU=_pct(m["mIoU"]), mAcc=_pct(m["mAcc"]), aAcc=_pct(m["aAcc"]),
+        classes_in_mean=int(np.isfinite(m["iou"]).sum()),
+        metric=metric, settings=cfg.protocol.describe(), per_class=per_class,
+        predictions=str(cfg.save_predictions) if cfg.save_predictions else None,
+    )
+    if untrained:
+        out["warning"] = "random (untrained) weights: these numbers mean nothing"
+    return out
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def results_markdown(results: dict) -> str:
+    """The results as a markdown report: headline metrics, then a per-class table."""
+    r = results
+    lines = [f"# {r['title']}: {r['method']} with the `{r['protocol']}` protocol", ""]
+    if r.get("random_weights"):
+        lines += ["> **Random weights**: the model is untrained, so these numbers mean nothing; "
+                  "they only show that the harness runs.", ""]
+    lines += [f"Model `{r['model']}`, weights `{r['weights_id']}` ({r['dtype']}), {r['images']} images"
+              + (f" (limit {r['limit']})" if r.get("limit") else "") + ".", "",
+              "| metric | value |", "|---|---:|",
+              f"| mIoU | {_fmt(r['mIoU'])} |", f"| mAcc | {_fmt(r['mAcc'])} |", f"| aAcc | {_fmt(r['aAcc'])} |",
+              f"| classes in the mean | {r['classes_in_mean']} |", "",
+              "| class | IoU | Acc |", "|---|---:|---:|"]
+    lines += [f"| {c['name']} | {_fmt(c['iou'])} | {_fmt(c['acc'])} |" for c in r["per_class"]]
+    lines += ["", f"Metric: {r['metric']}.", ""]
+    return "\n".join(lines)
+
+
+def _write_results(cfg: EvalConfig, results: dict, echo) -> None:
+    out = Path(cfg.out_dir)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    md = results_markdown(results)
+    (out / "results.md").write_text(md)
+    echo(md)
+    echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
