@@ -20,6 +20,19 @@ anything else (``file:``, ``ftp:``, ...)    refused with :class:`ImageError`
 "LS origin" is scheme + host + port of ``label_studio_url``. Redirects are followed by hand
 (at most 10) so that every hop is checked against the same rule.
 
+Private networks (SSRF): a task URL is user input, so the fetcher must not become a proxy
+into the network it runs in. Every connection (every redirect hop included) resolves the
+host itself and refuses loopback, link-local (169.254.0.0/16 with the cloud metadata
+service, fe80::/10), private (10/8, 172.16/12, 192.168/16, fc00::/7), shared (100.64/10),
+multicast, reserved and unspecified addresses, also when written as IPv4-mapped, 6to4 or
+NAT64 IPv6 or as a bare number (``http://2130706433/``). Exempt: Label Studio's own origin
+and ``allowed_hosts`` (``GEM_ALLOWED_HOSTS``: hostnames, ``*.suffix`` wildcards, IPs or
+CIDRs; ``*`` turns the check off). The socket connects to the very address that was
+checked (the hostname still goes in the Host header, TLS SNI and certificate check), so a
+DNS answer that changes between check and connect (DNS rebinding) cannot get around it.
+Behind an HTTP(S) proxy from the environment the proxy resolves the name: the fetcher then
+checks its own resolution of the host before sending, and the proxy's answer is trusted.
+
 API keys: a legacy token goes as ``Authorization: Token <key>``. A personal access token (a
 JWT refresh token) is exchanged at ``POST {LS}/api/token/refresh/`` for an access token sent
 as ``Authorization: Bearer <access>``; the access token is cached until 30 s before its
@@ -37,19 +50,28 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import json
 import logging
 import os
+import re
+import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit, urlunsplit
 
 import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 __all__ = [
+    "AddressGuard",
+    "BlockedAddressError",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_TIMEOUT",
@@ -57,6 +79,7 @@ __all__ = [
     "ImageFetcher",
     "load_image_file",
     "original_size",
+    "parse_allowed_hosts",
     "to_rgb",
 ]
 
@@ -75,6 +98,207 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 class ImageError(Exception):
     """The image could not be fetched or decoded; the message says why, without secrets."""
+
+
+class BlockedAddressError(ImageError):
+    """A URL's host resolves only to addresses the fetcher does not connect to (SSRF guard)."""
+
+
+# --- address guard (SSRF) ---------------------------------------------------------------
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_HOSTNAME_RE = re.compile(r"^(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?$")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped ::ffff:a.b.c.d, 6to4, NAT64), if any."""
+    if ip.version != 6:
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def address_category(ip: IPAddress) -> str | None:
+    """Why ``ip`` is not fetched from (``"loopback"``, ``"private"``, ...), None if public."""
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None:
+        inner = address_category(embedded)
+        return f"{inner} IPv4 {embedded} inside IPv6" if inner else None
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local, where cloud metadata services answer"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_reserved:
+        return "reserved"
+    if ip.is_private:
+        return "private"
+    if not ip.is_global:
+        return "not globally routable"
+    return None
+
+
+def parse_allowed_hosts(value: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``GEM_ALLOWED_HOSTS``: comma-separated hostnames, ``*.suffix`` wildcards, IPs, CIDRs or
+    ``*`` -> normalised tuple; raises ``ValueError`` naming a malformed entry."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for raw in items:
+        item = str(raw).strip().lower()
+        if not item:
+            continue
+        if item != "*":
+            try:
+                item = str(ipaddress.ip_network(item.strip("[]"), strict=False)) if "/" in item else str(
+                    ipaddress.ip_address(item.strip("[]")))
+            except ValueError:
+                if "/" in item or ":" in item or not _HOSTNAME_RE.match(item):
+                    raise ValueError(f"{raw!r} is not a hostname, *.domain, IP address or CIDR network") from None
+                item = item.rstrip(".")
+        out.append(item)
+    return tuple(dict.fromkeys(out))
+
+
+class AddressGuard:
+    """Which hosts and addresses the fetcher connects to (see the module docstring).
+
+    Args:
+        allowed: entries of :func:`parse_allowed_hosts`.
+        exempt_origins: ``(scheme, host, port)`` origins never checked (Label Studio's).
+    """
+
+    def __init__(self, allowed: Iterable[str] = (), exempt_origins: Iterable[tuple[str, str, int]] = ()):
+        entries = parse_allowed_hosts(list(allowed))
+        self.allow_all = "*" in entries
+        self._names: set[str] = set()
+        self._suffixes: list[str] = []
+        self._networks: list[IPNetwork] = []
+        for entry in entries:
+            if entry == "*":
+                continue
+            try:
+                self._networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                if entry.startswith("*."):
+                    self._suffixes.append(entry[1:])  # ".example.com"
+                else:
+                    self._names.add(entry)
+        self._exempt = {(scheme, host.lower().strip("[]").rstrip("."), port) for scheme, host, port in exempt_origins}
+
+    def __repr__(self) -> str:
+        return (f"AddressGuard(allow_all={self.allow_all}, names={sorted(self._names)}, "
+                f"suffixes={self._suffixes}, networks={[str(n) for n in self._networks]})")
+
+    def host_exempt(self, scheme: str, host: str, port: int) -> bool:
+        """True when ``host`` is not checked at all: Label Studio's origin, or allowed by name."""
+        if self.allow_all:
+            return True
+        name = host.lower().strip("[]").rstrip(".")
+        if (scheme, name, port) in self._exempt or name in self._names:
+            return True
+        return any(name.endswith(suffix) for suffix in self._suffixes)
+
+    def refusal(self, ip: IPAddress) -> str | None:
+        """Why a connection to ``ip`` is refused, None when it is allowed."""
+        if any(ip.version == net.version and ip in net for net in self._networks):
+            return None
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None and any(embedded in net for net in self._networks if net.version == 4):
+            return None
+        return address_category(ip)
+
+    def addresses(self, scheme: str, host: str, port: int) -> list[str] | None:
+        """The checked addresses to connect to, in resolver order; None when ``host`` is exempt
+        (connect as usual). Raises :class:`BlockedAddressError` when every address is refused,
+        ``socket.gaierror`` when the name does not resolve."""
+        if self.host_exempt(scheme, host, port):
+            return None
+        from urllib3.util.connection import allowed_gai_family
+
+        infos = socket.getaddrinfo(host.strip("[]"), port, allowed_gai_family(), socket.SOCK_STREAM)
+        allowed: list[str] = []
+        refused: list[tuple[str, str]] = []
+        for info in infos:
+            text = str(info[4][0])
+            try:
+                ip = ipaddress.ip_address(text.split("%", 1)[0])
+            except ValueError:
+                refused.append((text, "not an IP address"))
+                continue
+            why = self.refusal(ip)
+            if why is None:
+                if text not in allowed:
+                    allowed.append(text)
+            else:
+                refused.append((text, why))
+        if not allowed:
+            ip, why = refused[0] if refused else ("no address", "unresolvable")
+            shown = host.strip("[]").rstrip(".")
+            target = shown if shown == ip else f"{shown} resolves to {ip}"
+            raise BlockedAddressError(
+                f"{target} ({why}): only public addresses are fetched, besides Label Studio's "
+                f"origin (LABEL_STUDIO_URL) and GEM_ALLOWED_HOSTS")
+        if refused:
+            logger.debug("%s: skipping refused addresses %s", host, refused)
+        return allowed
+
+
+def _guarded_connection(base: type, guard: AddressGuard, scheme: str) -> type:
+    """``base`` (urllib3's HTTP(S)Connection) connecting only to addresses ``guard`` allows,
+    to the very address it checked; Host header, SNI and certificate check keep the name."""
+
+    class GuardedConnection(base):
+        def _new_conn(self):
+            dns_host = self._dns_host
+            try:
+                addresses = guard.addresses(scheme, dns_host, self.port)
+            except socket.gaierror as exc:
+                raise NameResolutionError(self.host, self, exc) from exc
+            if addresses is None:
+                return super()._new_conn()
+            error: Exception | None = None
+            for address in addresses:
+                self._dns_host = address  # a numeric host: no second DNS lookup
+                try:
+                    return super()._new_conn()
+                except (NewConnectionError, ConnectTimeoutError) as exc:
+                    error = exc
+                finally:
+                    self._dns_host = dns_host
+            assert error is not None
+            raise error
+
+    GuardedConnection.__name__ = f"Guarded{base.__name__}"
+    return GuardedConnection
+
+
+class _GuardedAdapter(HTTPAdapter):
+    """requests adapter whose direct connections go through :class:`AddressGuard`."""
+
+    def __init__(self, guard: AddressGuard, **kwargs: Any) -> None:
+        self._guard = guard  # before super().__init__, which builds the pool manager
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        http = _guarded_connection(HTTPConnection, self._guard, "http")
+        https = _guarded_connection(HTTPSConnection, self._guard, "https")
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": type("GuardedHTTPConnectionPool", (HTTPConnectionPool,), {"ConnectionCls": http}),
+            "https": type("GuardedHTTPSConnectionPool", (HTTPSConnectionPool,), {"ConnectionCls": https}),
+        }
 
 
 # --- decoding ---------------------------------------------------------------------------
@@ -276,6 +500,8 @@ class ImageFetcher:
     - ``timeout``: ``(connect, read)`` seconds for each request.
     - ``max_bytes``: download cap; the body is streamed and dropped past it.
     - ``max_pixels``: width*height cap, checked from the image header before decoding.
+    - ``allowed_hosts``: hosts, IPs or networks fetched from although not public (see the
+      module docstring, ``GEM_ALLOWED_HOSTS``); Label Studio's origin always is.
 
     One ``requests.Session`` per fetcher (environment proxies and CA settings apply); the
     token exchange is serialized by a lock. ``close()`` or ``with`` releases connections.
@@ -288,6 +514,7 @@ class ImageFetcher:
         timeout: tuple[float, float] | float = DEFAULT_TIMEOUT,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        allowed_hosts: str | Iterable[str] | None = None,
     ) -> None:
         self.label_studio_url = label_studio_url.strip().rstrip("/") if label_studio_url else None
         if self.label_studio_url and _origin(self.label_studio_url) is None:
@@ -316,8 +543,13 @@ class ImageFetcher:
 
         from gem_backend import __version__
 
+        self.guard = AddressGuard(parse_allowed_hosts(allowed_hosts),
+                                  [self._ls_origin] if self._ls_origin else [])
         self.session = requests.Session()
         self.session.headers["User-Agent"] = f"gem-backend/{__version__} {requests.utils.default_user_agent()}"
+        adapter = _GuardedAdapter(self.guard)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
 
     def __repr__(self) -> str:
         return f"ImageFetcher({self.label_studio_url!r}, auth={self.auth_mode})"
@@ -366,6 +598,8 @@ class ImageFetcher:
         try:
             parts = urlsplit(url)
             host = parts.hostname or ""
+            if ":" in host:
+                host = f"[{host}]"
             if parts.port:
                 host = f"{host}:{parts.port}"
         except ValueError:
@@ -499,6 +733,8 @@ class ImageFetcher:
                 # the access token may have been revoked or expired early: one fresh try
                 resp.close()
                 resp = self._send(target, self._auth_header(force_refresh=True))
+        except BlockedAddressError as exc:
+            raise self._error(f"refused to fetch {self._describe(target)}: {exc}") from None
         except ImageError:
             raise
         except requests.Timeout:
@@ -524,9 +760,26 @@ class ImageFetcher:
 
     def _send(self, target: str, headers: dict[str, str]) -> requests.Response:
         logger.debug("GET %s%s", self._describe(target), " (with credentials)" if headers else "")
+        self._check_proxied(target)
         return self.session.get(
             target, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False
         )
+
+    def _check_proxied(self, target: str) -> None:
+        """Through a proxy the guarded sockets reach the proxy, not the host: check the host
+        here, as this process resolves it (the proxy's own resolution is trusted)."""
+        if self.guard.allow_all:
+            return
+        proxies = self.session.merge_environment_settings(target, {}, None, None, None)["proxies"]
+        if not requests.utils.select_proxy(target, proxies):
+            return
+        origin = _origin(target)
+        if origin is None:
+            return
+        try:
+            self.guard.addresses(*origin)
+        except socket.gaierror:
+            pass  # the proxy may resolve names this process cannot
 
     def _read(self, resp: requests.Response, target: str) -> tuple[bytes, str | None, str]:
         source = self._describe(target)

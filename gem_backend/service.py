@@ -66,7 +66,7 @@ class GEMService:
         self.fetcher = fetcher or ImageFetcher(
             settings.label_studio_url, settings.label_studio_api_key,
             timeout=(5.0, settings.fetch_timeout), max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels)
+            max_pixels=settings.max_image_pixels, allowed_hosts=settings.allowed_hosts)
         self._loaded = loaded
         self._load_error: str | None = None
         self._load_lock = threading.Lock()

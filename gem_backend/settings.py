@@ -69,6 +69,12 @@ def _parse_bool(value: str | bool) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+def _parse_allowed_hosts(value: str) -> tuple[str, ...]:
+    from .images import parse_allowed_hosts
+
+    return parse_allowed_hosts(value)
+
+
 # Segmentation fields overridable per project: extra_params key -> (env name, parser)
 _SEG_FIELDS: dict[str, tuple[str, Any]] = {
     "input_size": ("GEM_INPUT_SIZE", int),
@@ -118,6 +124,7 @@ class Settings:
     fetch_timeout: float = 30.0                     # GEM_FETCH_TIMEOUT (read), connect is 5 s
     max_image_bytes: int = 50 * 1024 * 1024         # GEM_MAX_IMAGE_BYTES
     max_image_pixels: int = 100_000_000             # GEM_MAX_IMAGE_PIXELS
+    allowed_hosts: tuple[str, ...] = ()             # GEM_ALLOWED_HOSTS: non-public hosts/IPs/CIDRs to fetch from
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -175,6 +182,7 @@ class Settings:
             fetch_timeout=get("GEM_FETCH_TIMEOUT", float, base.fetch_timeout),
             max_image_bytes=get("GEM_MAX_IMAGE_BYTES", int, base.max_image_bytes),
             max_image_pixels=get("GEM_MAX_IMAGE_PIXELS", int, base.max_image_pixels),
+            allowed_hosts=get("GEM_ALLOWED_HOSTS", _parse_allowed_hosts, base.allowed_hosts),
         )
 
     def replace(self, **changes) -> "Settings":

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import random
+import socket
 import struct
 import threading
 import time
@@ -21,6 +22,8 @@ from gem_backend.images import ImageError, ImageFetcher, load_image_file, to_rgb
 
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
 NO_LENGTH = "X-Test-No-Content-Length"
+# the `other` server plays a public host, but it listens on 127.0.0.1: allow-listed where used
+PUBLIC = ("127.0.0.1",)
 
 
 # --- test servers -------------------------------------------------------------------
@@ -221,7 +224,7 @@ def test_absolute_url_on_label_studio_origin_gets_credentials(ls):
 
 def test_other_origin_gets_no_credentials(ls, other):
     other.routes["/pics/x.png"] = serve(rgb_png(5, 4))
-    image = ImageFetcher(ls.url, LEGACY_KEY).fetch(f"{other.url}/pics/x.png")
+    image = ImageFetcher(ls.url, LEGACY_KEY, allowed_hosts=PUBLIC).fetch(f"{other.url}/pics/x.png")
     assert image.size == (5, 4)
     assert other.requests[0].auth is None
     assert ls.requests == []
@@ -230,7 +233,7 @@ def test_other_origin_gets_no_credentials(ls, other):
 def test_same_host_other_name_is_another_origin(ls):
     # "localhost" reaches the same server, but it is not LABEL_STUDIO_URL's origin
     ls.routes["/data/upload/1/x.png"] = serve(rgb_png(), need_auth=f"Token {LEGACY_KEY}")
-    fetcher = ImageFetcher(ls.url, LEGACY_KEY)
+    fetcher = ImageFetcher(ls.url, LEGACY_KEY, allowed_hosts=PUBLIC)
     with pytest.raises(ImageError, match="HTTP 401.*not on LABEL_STUDIO_URL's origin"):
         fetcher.fetch(f"http://localhost:{ls.port}/data/upload/1/x.png")
     assert ls.requests[0].auth is None
@@ -239,7 +242,7 @@ def test_same_host_other_name_is_another_origin(ls):
 def test_redirect_to_other_origin_drops_credentials(ls, other):
     ls.routes["/data/upload/1/r.png"] = lambda req: (302, {"Location": f"{other.url}/bucket/r.png?sig=abc"}, b"")
     other.routes["/bucket/r.png"] = serve(rgb_png(3, 2))
-    image = ImageFetcher(ls.url, LEGACY_KEY).fetch("/data/upload/1/r.png")
+    image = ImageFetcher(ls.url, LEGACY_KEY, allowed_hosts=PUBLIC).fetch("/data/upload/1/r.png")
     assert image.size == (3, 2)
     assert ls.requests[0].auth == f"Token {LEGACY_KEY}"
     assert other.requests[0].auth is None
@@ -268,7 +271,7 @@ def test_cloud_uri_goes_through_presign(ls, other, uri):
         else (401, {}, b"")
     )
     other.routes["/signed/x.png"] = serve(rgb_png(4, 4))
-    image = ImageFetcher(ls.url, LEGACY_KEY).fetch(uri, task_id=42)
+    image = ImageFetcher(ls.url, LEGACY_KEY, allowed_hosts=PUBLIC).fetch(uri, task_id=42)
     assert image.size == (4, 4)
     (presign,) = ls.requests
     # same URL form as label-studio-sdk's get_local_path
@@ -398,7 +401,7 @@ def test_pat_is_not_exchanged_for_other_origins(ls, other):
     calls = []
     ls.routes["/api/token/refresh/"] = refresh_route("x", ["y"], calls)
     other.routes["/x.png"] = serve(rgb_png())
-    ImageFetcher(ls.url, make_pat()).fetch(f"{other.url}/x.png")
+    ImageFetcher(ls.url, make_pat(), allowed_hosts=PUBLIC).fetch(f"{other.url}/x.png")
     assert calls == [] and other.requests[0].auth is None
 
 
@@ -672,7 +675,7 @@ def test_api_keys_never_appear_in_errors_or_logs(ls, other, caplog):
     ls.routes["/api/token/refresh/"] = refresh_route(pat, [access], [])
     messages = []
     for key in (LEGACY_KEY, pat):
-        fetcher = ImageFetcher(ls.url, key, max_bytes=1000, timeout=(1, 1))
+        fetcher = ImageFetcher(ls.url, key, max_bytes=1000, timeout=(1, 1), allowed_hosts=PUBLIC)
         assert key not in repr(fetcher)
         for url, task_id in [
             ("/echo", None),
@@ -703,3 +706,179 @@ def test_api_keys_never_appear_in_errors_or_logs(ls, other, caplog):
         assert secret not in logged
     # the echo route did see the credentials: the test exercises a real leak path
     assert any(r.auth == f"Token {LEGACY_KEY}" for r in ls.requests)
+
+
+# --- private networks (SSRF) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host, category",
+    [
+        ("169.254.169.254", "link-local"),  # cloud metadata
+        ("[fe80::1]", "link-local"),
+        ("10.0.0.1", "private"),
+        ("172.16.5.4", "private"),
+        ("192.168.1.1", "private"),
+        ("[fd00::1]", "private"),
+        ("100.64.0.1", "not globally routable"),
+        ("127.0.0.1", "loopback"),  # LS's host, another port: not LS's origin
+        ("127.1.2.3", "loopback"),
+        ("[::1]", "loopback"),
+        ("[::ffff:169.254.169.254]", "link-local"),  # IPv4-mapped
+        ("[::ffff:7f00:1]", "loopback"),
+        ("[2002:a00:1::]", "private"),  # 6to4 of 10.0.0.1
+        ("[64:ff9b::a9fe:a9fe]", "link-local"),  # NAT64 of 169.254.169.254
+        ("2130706433", "loopback"),  # 127.0.0.1 as one number
+        ("0x7f.1", "loopback"),
+        ("0", "unspecified"),
+        ("[::]", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("240.0.0.1", "reserved"),
+    ],
+)
+def test_non_public_addresses_are_refused(ls, host, category):
+    fetcher = ImageFetcher(ls.url, LEGACY_KEY, timeout=(1, 1))
+    started = time.monotonic()
+    with pytest.raises(ImageError, match=f"refused to fetch .*\\({category}") as err:
+        fetcher.fetch(f"http://{host}:{ls.port + 1 if host.startswith('127.0.0.1') else 80}/latest/meta-data/")
+    assert time.monotonic() - started < 1.0
+    assert "GEM_ALLOWED_HOSTS" in str(err.value) and LEGACY_KEY not in str(err.value)
+    assert ls.requests == []
+
+
+def test_name_resolving_to_loopback_is_refused_unless_allow_listed(ls):
+    url = f"http://localhost:{ls.port}/data/upload/1/x.png"
+    ls.routes["/data/upload/1/x.png"] = serve(rgb_png(4, 3))
+    with pytest.raises(ImageError, match=r"localhost resolves to (127\.0\.0\.1|::1) \(loopback\)"):
+        ImageFetcher(ls.url, LEGACY_KEY).fetch(url)
+    assert ls.requests == []
+    # Label Studio's own origin is always fetched from, with its credentials
+    assert ImageFetcher(ls.url, LEGACY_KEY).fetch(f"{ls.url}/data/upload/1/x.png").size == (4, 3)
+    assert ls.requests[-1].auth == f"Token {LEGACY_KEY}"
+    # allowed by name, by address or by network; never with LS's credentials
+    for allowed in (["localhost"], "127.0.0.1,::1", ["10.0.0.0/8", "127.0.0.0/8", "::1/128"], "*"):
+        ls.requests.clear()
+        assert ImageFetcher(ls.url, LEGACY_KEY, allowed_hosts=allowed).fetch(url).size == (4, 3)
+        assert [r.auth for r in ls.requests] == [None]
+    with pytest.raises(ImageError, match="loopback"):
+        ImageFetcher(None, None, allowed_hosts=["*.localhost.example", "10.0.0.0/8"]).fetch(url)
+
+
+@pytest.mark.parametrize("location", [
+    "http://127.0.0.1:{other}/x.png",
+    "http://localhost:{ls}/data/upload/1/x.png",
+    "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+    "http://[::ffff:10.0.0.1]/x.png",
+    "gopher://127.0.0.1:6379/_INFO",
+])
+def test_redirect_into_the_private_network_is_refused(ls, other, location):
+    location = location.format(other=other.port, ls=ls.port)
+    ls.routes["/data/upload/1/r.png"] = lambda req: (302, {"Location": location}, b"")
+    ls.routes["/data/upload/1/x.png"] = serve(rgb_png())
+    other.routes["/x.png"] = serve(rgb_png())
+    with pytest.raises(ImageError, match="refused to fetch|unsupported URL scheme"):
+        ImageFetcher(ls.url, LEGACY_KEY).fetch("/data/upload/1/r.png")
+    assert [r.path for r in ls.requests] == ["/data/upload/1/r.png"]
+    assert other.requests == []
+
+
+def test_redirect_from_an_allowed_host_to_loopback_is_refused(ls, other):
+    # "images.internal" is allow-listed (it stands for a MinIO next to Label Studio); it
+    # redirects to 127.0.0.1, which is not
+    other.routes["/bucket/x.png"] = lambda req: (302, {"Location": f"http://127.0.0.1:{ls.port}/data/upload/1/x.png"}, b"")
+    ls.routes["/data/upload/1/x.png"] = serve(rgb_png())
+    fetcher = ImageFetcher(None, None, allowed_hosts=["localhost"])
+    with pytest.raises(ImageError, match=r"refused to fetch http://127\.0\.0\.1:\d+/data/upload/1/x.png: 127\.0\.0\.1 \(loopback\)"):
+        fetcher.fetch(f"http://localhost:{other.port}/bucket/x.png")
+    assert [r.path for r in other.requests] == ["/bucket/x.png"] and ls.requests == []
+
+
+def test_presigned_redirect_to_a_private_bucket_needs_the_allow_list(ls, other):
+    ls.routes["/tasks/7/presign/"] = lambda req: (303, {"Location": f"{other.url}/bucket/x.png?X-Amz-Signature=s"}, b"")
+    other.routes["/bucket/x.png"] = serve(rgb_png(2, 2))
+    with pytest.raises(ImageError, match="loopback"):
+        ImageFetcher(ls.url, LEGACY_KEY).fetch("s3://bucket/x.png", task_id=7)
+    assert other.requests == []
+    assert ImageFetcher(ls.url, LEGACY_KEY, allowed_hosts="127.0.0.1").fetch("s3://bucket/x.png", task_id=7).size == (2, 2)
+    assert other.requests[0].auth is None
+
+
+def _fake_dns(monkeypatch, answers: dict[str, list[str]]) -> list[str]:
+    """socket.getaddrinfo answering ``answers[name]`` one after the other (the last repeats)."""
+    real, asked = socket.getaddrinfo, []
+
+    def getaddrinfo(host, port, family=0, type=0, *args, **kwargs):
+        if isinstance(host, bytes):
+            host = host.decode()
+        if host in answers:
+            asked.append(host)
+            queue = answers[host]
+            ip = queue.pop(0) if len(queue) > 1 else queue[0]
+            fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            return [(fam, socket.SOCK_STREAM, 6, "", (ip, port) if fam == socket.AF_INET else (ip, port, 0, 0))]
+        return real(host, port, family, type, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_name_resolving_to_a_private_address_is_refused(ls, monkeypatch):
+    _fake_dns(monkeypatch, {"images.example.com": ["10.20.30.40"], "meta.example.com": ["169.254.169.254"]})
+    fetcher = ImageFetcher(ls.url, LEGACY_KEY)
+    with pytest.raises(ImageError, match=r"images.example.com resolves to 10.20.30.40 \(private\)"):
+        fetcher.fetch("https://images.example.com/x.png")
+    with pytest.raises(ImageError, match=r"meta.example.com resolves to 169.254.169.254 \(link-local"):
+        fetcher.fetch("http://meta.example.com/latest/meta-data/")
+
+
+def test_connection_goes_to_the_checked_address_dns_rebinding(ls, monkeypatch):
+    # first answer 127.0.0.1 (allowed by address), any later one 10.9.9.9 (refused, and not
+    # even routable here): the fetch works only if the socket uses the checked answer
+    asked = _fake_dns(monkeypatch, {"rebind.test": ["127.0.0.1", "10.9.9.9"]})
+    seen_hosts = []
+
+    def route(req):
+        return 200, {"Content-Type": "image/png"}, rgb_png(3, 3)
+
+    ls.routes["/x.png"] = route
+    original = _Handler._handle
+
+    def recording(self):
+        seen_hosts.append(self.headers.get("Host"))
+        return original(self)
+
+    monkeypatch.setattr(_Handler, "_handle", recording)
+    monkeypatch.setattr(_Handler, "do_GET", recording)
+    fetcher = ImageFetcher(None, None, allowed_hosts=["127.0.0.1"], timeout=(1, 2))
+    assert fetcher.fetch(f"http://rebind.test:{ls.port}/x.png").size == (3, 3)
+    assert asked == ["rebind.test"], "resolved once, then connected to that address"
+    assert seen_hosts == [f"rebind.test:{ls.port}"], "the Host header keeps the name"
+    # a new connection resolves again, and refuses the new answer
+    fetcher.close()
+    with pytest.raises(ImageError, match=r"rebind.test resolves to 10.9.9.9 \(private\)"):
+        ImageFetcher(None, None, allowed_hosts=["127.0.0.1"]).fetch(f"http://rebind.test:{ls.port}/x.png")
+
+
+def test_through_a_proxy_the_host_is_checked_before_sending(ls, other, monkeypatch):
+    _fake_dns(monkeypatch, {"public.test": ["93.184.216.34"], "inside.test": ["10.1.1.1"]})
+    monkeypatch.setenv("HTTP_PROXY", other.url)  # the proxy itself is on loopback: trusted
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv("no_proxy", "")
+    other.routes["/x.png"] = serve(rgb_png(2, 5))  # the proxy gets "GET http://public.test/x.png"
+    fetcher = ImageFetcher(None, None)
+    assert fetcher.fetch("http://public.test/x.png").size == (2, 5)
+    assert other.requests[0].raw_path == "http://public.test/x.png"
+    for url in ("http://inside.test/x.png", "http://169.254.169.254/x.png", "http://localhost/x.png"):
+        with pytest.raises(ImageError, match="refused to fetch"):
+            fetcher.fetch(url)
+    assert len(other.requests) == 1
+
+
+def test_allowed_hosts_are_validated():
+    from gem_backend.images import parse_allowed_hosts
+
+    assert parse_allowed_hosts(" MinIO , 10.0.0.0/8,*.corp.example, ::1,[fd00::1],,") == (
+        "minio", "10.0.0.0/8", "*.corp.example", "::1", "fd00::1")
+    for bad in ("10.0.0.0/33", "http://minio:9000", "minio:9000", "a b", "**.x"):
+        with pytest.raises(ValueError, match="not a hostname"):
+            parse_allowed_hosts(bad)

@@ -105,12 +105,24 @@ def test_special_values():
     ("GEM_DEPTH", "deep"), ("GEM_SS_ATTN_ITER", "1.5"), ("GEM_SS_ATTN_TEMP", "warm"),
     ("PORT", "http"), ("WORKERS", "two"), ("THREADS", "8.0"), ("GEM_WEBHOOK_AUTH", "sometimes"),
     ("GEM_MAX_REQUEST_BYTES", "20MB"), ("GEM_TEXT_CACHE_SIZE", "big"), ("GEM_FETCH_TIMEOUT", "30s"),
-    ("GEM_MAX_IMAGE_BYTES", "1e"), ("GEM_MAX_IMAGE_PIXELS", "many"),
+    ("GEM_MAX_IMAGE_BYTES", "1e"), ("GEM_MAX_IMAGE_PIXELS", "many"), ("GEM_ALLOWED_HOSTS", "10.0.0.0/33"),
+    ("GEM_ALLOWED_HOSTS", "http://minio:9000"),
 ])
 def test_bad_values_name_the_variable(name, value):
     with pytest.raises(SettingsError) as info:
         Settings.from_env({name: value})
     assert name in str(info.value)
+
+
+def test_allowed_hosts_reach_the_image_fetcher():
+    from gem_backend.service import GEMService
+
+    s = Settings.from_env({"GEM_ALLOWED_HOSTS": "minio, 10.0.0.0/8 ,*.corp.example,fd00::1"})
+    assert s.allowed_hosts == ("minio", "10.0.0.0/8", "*.corp.example", "fd00::1")
+    assert Settings.from_env({}).allowed_hosts == ()
+    guard = GEMService(s).fetcher.guard
+    assert guard.host_exempt("http", "MinIO", 9000) and guard.host_exempt("https", "a.corp.example", 443)
+    assert not guard.host_exempt("http", "corp.example", 80)
 
 
 def test_input_size_over_the_long_side_cap_names_both_variables():
