@@ -410,39 +410,39 @@ def test_voc_mini_end_to_end_resume_and_recheck(tmp_path, capsys):
     out, pred = tmp_path / "run", tmp_path / "pred"
     base = ["eval", "--dataset", "voc21", "--root", str(VOC_MINI), "--input-size", "224",
             "--out", str(out), "--save-predictions", str(pred)] + _model_args()
-    assert cli.main(base + ["--limit", "5"]) == 0
+    assert cli.main(base + ["--limit", "3"]) == 0
     first = json.loads((out / "results.json").read_text())
-    assert first["images"] == 5 and first["images_from_cache"] == 0
+    assert first["images"] == 3 and first["images_from_cache"] == 0
     assert first["random_weights"] is True and "mean nothing" in first["warning"]
     assert "Random weights" in (out / "results.md").read_text()
     assert "| mIoU |" in capsys.readouterr().out
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cache").glob("*.npz")}
-    assert len(stamps) == 5
+    assert len(stamps) == 3
 
-    # resume: the five cached images are not recomputed, the next two are
-    assert cli.main(base + ["--limit", "7"]) == 0
+    # resume: the three cached images are not recomputed, the next two are
+    assert cli.main(base + ["--limit", "5"]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["images"] == 7 and res["images_from_cache"] == 5
+    assert res["images"] == 5 and res["images_from_cache"] == 3
     assert all((out / "cache" / n).stat().st_mtime_ns == t for n, t in stamps.items())
 
     # predictions: palette PNGs named like the inputs, at the input size
     saved = sorted(p.stem for p in pred.glob("*.png"))
-    assert saved == sorted(names[:7])
-    for name in names[:7]:
+    assert saved == sorted(names[:5])
+    for name in names[:5]:
         im = Image.open(pred / f"{name}.png")
         assert im.mode == "P"
         assert im.size == Image.open(VOC_MINI / "VOC2012/JPEGImages" / f"{name}.jpg").size
 
     # the check we keep: mIoU recomputed from the saved PNGs against the GT PNGs is the same
-    miou, per_class = _recompute_miou(pred, names[:7])
+    miou, per_class = _recompute_miou(pred, names[:5])
     assert res["mIoU"] == pytest.approx(miou, abs=1e-9)
     for c, iou in per_class.items():
         assert res["per_class"][c]["iou"] == pytest.approx(iou, abs=1e-9)
     assert res["classes_in_mean"] == len(per_class)
 
     # other settings in the same folder are refused, --overwrite starts afresh
-    assert cli.main(base + ["--limit", "7", "--prob-thd", "0.2"]) == 2
-    assert cli.main(base + ["--limit", "2", "--prob-thd", "0.2", "--overwrite"]) == 0
+    assert cli.main(base + ["--limit", "5", "--prob-thd", "0.2"]) == 2
+    assert cli.main(base + ["--limit", "1", "--prob-thd", "0.2", "--overwrite"]) == 0
     assert json.loads((out / "results.json").read_text())["images_from_cache"] == 0
 
 
