@@ -27,7 +27,7 @@ goes to all four channels; ``word_size = 8`` and ``rle_sizes = [3, 4, 8,
 words are cut into 65536-word pieces plus the rest, all with a 16-bit count
 field even when the rest is short; the padding is ``8 - nbits % 8`` zero
 bits, i.e. a whole zero byte when the stream already ends on a byte
-boundary. On 12-megapixel masks it is 20-100x faster than the SDK.
+boundary. On 12-megapixel masks it is some 25-70x faster than the SDK.
 
 :func:`rle2mask` decodes any stream in this layout, also ones with literal
 records or other word and count sizes (which other rle-pack encoders may
