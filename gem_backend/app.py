@@ -84,8 +84,16 @@ class ProjectParams:
             return self._memory.get(pid, {})
 
 
+def _parsed_json() -> Any:
+    """The JSON body, None when it is not JSON; too deep a nesting is a 400, not a 500."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        raise RequestError("request body is JSON nested too deeply") from None
+
+
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
+    body = _parsed_json()
     if body is None:
         raise RequestError("request body must be JSON (Content-Type: application/json)")
     if not isinstance(body, dict):
@@ -196,7 +204,7 @@ def create_app(settings: Settings | None = None, service: GEMService | None = No
 
     @app.post("/webhook")
     def webhook():
-        body = request.get_json(silent=True) or {}
+        body = _parsed_json() or {}
         action = body.get("action") if isinstance(body, dict) else None
         log.debug("webhook %s", action)
         return jsonify(status="ok", action=action)
