@@ -198,7 +198,10 @@ def create_app(settings: Settings | None = None, service: GEMService | None = No
         if extra is None:
             extra = params.get(body.get("project"))
         spec = service.project(body.get("label_config") or body.get("schema"), extra)
-        results = service.predict_tasks(body["tasks"], label_config=None, spec=spec)
+        # smart tools (interactive pre-annotation) send what the annotator drew in params.context
+        params_body = body.get("params")
+        context = params_body.get("context") if isinstance(params_body, dict) else None
+        results = service.predict_tasks(body["tasks"], label_config=None, spec=spec, context=context)
         metrics.predictions.inc(len(results))
         return jsonify(results=results, model_version=spec.model_version)
 

@@ -2,7 +2,22 @@
 
 No HTTP and no model here: this module turns the project's labeling config (the XML that
 Label Studio sends as ``schema`` to ``/setup`` and as ``label_config`` to ``/predict``) into
-:class:`BrushTarget` objects, and turns masks back into ``brushlabels`` results.
+target objects, and turns masks and shapes back into Label Studio results.
+
+Controls bound to an ``<Image>`` that gem-backend fills (:func:`parse_labeling_config`):
+
+- ``<BrushLabels>`` -> :class:`BrushTarget`: one ``brushlabels`` mask per label;
+- ``<PolygonLabels>`` -> :class:`PolygonTarget`: one ``polygonlabels`` polygon per connected
+  part of a label's mask;
+- ``<RectangleLabels>`` -> :class:`RectangleTarget`: one ``rectanglelabels`` box per
+  connected part; a RectangleLabels with ``smart="true"``/``smartOnly="true"`` (or a smart
+  ``<Label>``) is the annotator's smart tool, a prompt for interactive predictions, and
+  gets no boxes of its own;
+- ``<Choices>`` -> :class:`ChoicesTarget`: the choices whose label is present in the image;
+- ``<TextArea>`` -> :class:`TextPromptTarget`: free-text prompts (not an output);
+- ``<KeyPointLabels>`` is only read as a smart tool (interactive clicks).
+
+:func:`parse_label_config` is the BrushLabels-only view that older callers use.
 
 Attributes read from the config (the same ones the official label-studio-ml-backend examples
 use, so a config written for them keeps working):
@@ -32,18 +47,33 @@ import math
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 
 __all__ = [
     "BrushTarget",
+    "ChoicesTarget",
     "LabelConfigError",
+    "LabelTarget",
+    "LabelingConfig",
+    "PolygonTarget",
+    "RectangleTarget",
+    "SUPPORTED_CONTROLS",
+    "TextPromptTarget",
     "brush_region",
+    "choices_region",
+    "match_label",
     "new_region_id",
     "parse_label_config",
+    "parse_labeling_config",
+    "polygon_region",
     "prediction",
+    "rectangle_region",
 ]
+
+SUPPORTED_CONTROLS = ("<BrushLabels>, <PolygonLabels>, <RectangleLabels> (a box output, not only a smart "
+                      "tool) or <Choices>")
 
 _TRUE = {"1", "true", "yes"}
 _XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>", re.IGNORECASE)
@@ -58,10 +88,10 @@ class LabelConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class BrushTarget:
-    """One ``<BrushLabels>`` control bound to one ``<Image>`` object.
+class LabelTarget:
+    """One labels control (``kind`` says which) bound to one ``<Image>`` object.
 
-    - ``from_name``: the BrushLabels control's ``name`` (goes into each result).
+    - ``from_name``: the control's ``name`` (goes into each result).
     - ``to_name``: the Image object's ``name`` (goes into each result).
     - ``value_key``: the task data key holding the image URL, e.g. ``"image"`` for
       ``<Image value="$image">``: ``task["data"][value_key]``.
@@ -81,16 +111,75 @@ class BrushTarget:
     prompts: tuple[str, ...]
     score_threshold: float | None = None
 
+    kind: ClassVar[str] = ""
+
     def __post_init__(self) -> None:
         if len(self.labels) != len(self.prompts):
-            raise ValueError("BrushTarget needs exactly one prompt per label")
+            raise ValueError(f"{type(self).__name__} needs exactly one prompt per label")
+
+
+@dataclass(frozen=True)
+class BrushTarget(LabelTarget):
+    """A ``<BrushLabels>`` control on an ``<Image>``: one ``brushlabels`` mask per label."""
+
+    kind: ClassVar[str] = "brushlabels"
+
+
+@dataclass(frozen=True)
+class PolygonTarget(LabelTarget):
+    """A ``<PolygonLabels>`` control on an ``<Image>``: a polygon per part of a label's mask."""
+
+    kind: ClassVar[str] = "polygonlabels"
+
+
+@dataclass(frozen=True)
+class RectangleTarget(LabelTarget):
+    """A ``<RectangleLabels>`` control on an ``<Image>``: a box per part of a label's mask."""
+
+    kind: ClassVar[str] = "rectanglelabels"
+
+
+@dataclass(frozen=True)
+class ChoicesTarget(LabelTarget):
+    """A ``<Choices>`` control on an ``<Image>``: ``labels`` are its choices; ``multiple``
+    when ``choice="multiple"`` (every present choice), else the single strongest one."""
+
+    multiple: bool = False
+    kind: ClassVar[str] = "choices"
+
+
+@dataclass(frozen=True)
+class TextPromptTarget:
+    """A ``<TextArea>`` bound to an ``<Image>``: the annotator's free-text prompts.
+
+    ``value_key`` is the image's task data key; ``from_name`` (the TextArea's name) is also
+    the task data key a prompt may come in (``task["data"][from_name]``)."""
+
+    from_name: str
+    to_name: str
+    value_key: str
+
+
+@dataclass(frozen=True)
+class LabelingConfig:
+    """What :func:`parse_labeling_config` finds.
+
+    - ``targets``: the output controls (brush, polygon, rectangle, choices targets), in
+      config order, ``model_skip`` ones removed.
+    - ``text_prompts``: TextAreas bound to an Image.
+    - ``smart_tools``: names of the KeyPointLabels/RectangleLabels smart tools.
+    """
+
+    targets: tuple[LabelTarget, ...]
+    text_prompts: tuple[TextPromptTarget, ...] = ()
+    smart_tools: tuple[str, ...] = ()
 
 
 def _is_true(value: Any) -> bool:
     return value is not None and str(value).strip().lower() in _TRUE
 
 
-def _parse_threshold(control_name: str, attrs: dict) -> float | None:
+def _parse_threshold(control_name: str, attrs: dict, tag: str = "BrushLabels") -> float | None:
     raw = attrs.get("model_score_threshold")
     if raw is None or str(raw).strip() == "":
         raw = attrs.get("score_threshold")
@@ -100,11 +189,11 @@ def _parse_threshold(control_name: str, attrs: dict) -> float | None:
         value = float(raw)
     except (TypeError, ValueError):
         raise LabelConfigError(
-            f'<BrushLabels name="{control_name}">: model_score_threshold="{raw}" is not a number'
+            f'<{tag} name="{control_name}">: model_score_threshold="{raw}" is not a number'
         ) from None
     if not (0.0 <= value <= 1.0):
         raise LabelConfigError(
-            f'<BrushLabels name="{control_name}">: model_score_threshold="{raw}" '
+            f'<{tag} name="{control_name}">: model_score_threshold="{raw}" '
             "must be between 0 and 1"
         )
     return value
@@ -136,6 +225,90 @@ def _load_interface(xml: str):
         raise LabelConfigError(f"label config cannot be parsed: {detail}") from None
 
 
+_TARGET_CLASSES: dict[str, type[LabelTarget]] = {
+    "brushlabels": BrushTarget,
+    "polygonlabels": PolygonTarget,
+    "rectanglelabels": RectangleTarget,
+    "choices": ChoicesTarget,
+}
+
+
+def _image_problem(obj: Any, to_name: str) -> str | None:
+    """Why ``obj`` (the object a control's toName names) cannot be predicted on, or None."""
+    obj_tag = (obj.tag if obj is not None else "") or ""
+    if obj is None:
+        return "no such object tag"
+    if obj_tag.lower() != "image":
+        return f"<{obj_tag}>, not an <Image>"
+    if (obj.attr or {}).get("valueList"):
+        return "image list (valueList) is not supported"
+    if not obj.value or not obj.value.startswith("$") or len(obj.value) < 2:
+        return f'value="{obj.value}" is not a $variable'
+    return None
+
+
+def _is_smart_tool(control: Any) -> bool:
+    attrs = control.attr or {}
+    if _is_true(attrs.get("smart")) or _is_true(attrs.get("smartOnly")) or _is_true(attrs.get("smartonly")):
+        return True
+    return any(_is_true((tag.attr or {}).get("smart")) for tag in (control.labels_attrs or {}).values())
+
+
+def _walk(xml: str, kinds: Sequence[str]) -> tuple[list[LabelTarget], list[TextPromptTarget], list[str],
+                                                  list[str], int]:
+    """Targets of the control tags in ``kinds`` (lower case), TextAreas, smart tools, the
+    ``found`` listing for messages and the number of usable (control, image) pairs."""
+    interface = _load_interface(xml)
+    targets: list[LabelTarget] = []
+    texts: list[TextPromptTarget] = []
+    smart: list[str] = []
+    found: list[str] = []
+    usable_pairs = 0
+
+    for control in interface.controls or []:
+        objects = {obj.name: obj for obj in (control.objects or [])}
+        tag = (control.tag or "").lower()
+        is_smart = tag in ("keypointlabels", "rectanglelabels") and _is_smart_tool(control)
+        if is_smart and control.name not in smart:
+            smart.append(control.name)
+        is_output = tag in kinds and not (tag == "rectanglelabels" and is_smart)
+        for to_name in control.to_name or []:
+            obj = objects.get(to_name)
+            problem = _image_problem(obj, to_name)
+            note = ""
+            if is_output and problem:
+                note = f" ({problem})"
+            elif tag == "rectanglelabels" and is_smart and "rectanglelabels" in kinds and not problem:
+                note = " (smart tool)"
+            found.append(f"{control.tag}->{to_name}{note}")
+            if tag == "textarea" and not problem:
+                texts.append(TextPromptTarget(control.name, to_name, obj.value[1:]))
+            if not is_output or problem:
+                continue
+
+            usable_pairs += 1
+            attrs = control.attr or {}
+            # validate even when skipped, so a typo shows up before the admin un-skips it
+            threshold = _parse_threshold(control.name, attrs, control.tag)
+            if _is_true(attrs.get("model_skip")):
+                continue
+            labels: list[str] = []
+            prompts: list[str] = []
+            for label, label_tag in (control.labels_attrs or {}).items():
+                if _is_true((label_tag.attr or {}).get("model_skip")):
+                    continue
+                labels.append(label)
+                prompts.append(_prompt_for(label_tag))
+            if not labels:
+                continue
+            cls = _TARGET_CLASSES[tag]
+            extra = {"multiple": str(attrs.get("choice") or "").lower() == "multiple"} if cls is ChoicesTarget else {}
+            targets.append(cls(from_name=control.name, to_name=to_name, value_key=obj.value[1:],
+                               labels=tuple(labels), prompts=tuple(prompts), score_threshold=threshold,
+                               **extra))
+    return targets, texts, smart, found, usable_pairs
+
+
 def parse_label_config(xml: str) -> list[BrushTarget]:
     """Find every ``<BrushLabels>`` control bound to an ``<Image>`` in a labeling config.
 
@@ -148,63 +321,57 @@ def parse_label_config(xml: str) -> list[BrushTarget]:
     Raises :class:`LabelConfigError` when the XML does not parse, when no BrushLabels control
     is bound to an Image (the message lists the controls that were found), or when an
     attribute we read has a bad value.
+
+    :func:`parse_labeling_config` also finds the other controls gem-backend can fill.
     """
-    interface = _load_interface(xml)
-    targets: list[BrushTarget] = []
-    found: list[str] = []
-    usable_pairs = 0
-
-    for control in interface.controls or []:
-        objects = {obj.name: obj for obj in (control.objects or [])}
-        is_brush = (control.tag or "").lower() == "brushlabels"
-        for to_name in control.to_name or []:
-            obj = objects.get(to_name)
-            obj_tag = (obj.tag if obj is not None else "") or ""
-            problem = None
-            if obj is None:
-                problem = "no such object tag"
-            elif obj_tag.lower() != "image":
-                problem = f"<{obj_tag}>, not an <Image>"
-            elif (obj.attr or {}).get("valueList"):
-                problem = "image list (valueList) is not supported"
-            elif not obj.value or not obj.value.startswith("$") or len(obj.value) < 2:
-                problem = f'value="{obj.value}" is not a $variable'
-            found.append(f"{control.tag}->{to_name}" + (f" ({problem})" if is_brush and problem else ""))
-            if not is_brush or problem:
-                continue
-
-            usable_pairs += 1
-            attrs = control.attr or {}
-            # validate even when skipped, so a typo shows up before the admin un-skips it
-            threshold = _parse_threshold(control.name, attrs)
-            if _is_true(attrs.get("model_skip")):
-                continue
-            labels: list[str] = []
-            prompts: list[str] = []
-            for label, label_tag in (control.labels_attrs or {}).items():
-                if _is_true((label_tag.attr or {}).get("model_skip")):
-                    continue
-                labels.append(label)
-                prompts.append(_prompt_for(label_tag))
-            if not labels:
-                continue
-            targets.append(
-                BrushTarget(
-                    from_name=control.name,
-                    to_name=to_name,
-                    value_key=obj.value[1:],
-                    labels=tuple(labels),
-                    prompts=tuple(prompts),
-                    score_threshold=threshold,
-                )
-            )
-
+    targets, _, _, found, usable_pairs = _walk(xml, ("brushlabels",))
     if usable_pairs == 0:
         listed = ", ".join(found) if found else "no control tags"
         raise LabelConfigError(
             f"label config has no <BrushLabels> control bound to an <Image>; found: {listed}"
         )
-    return targets
+    return [t for t in targets if isinstance(t, BrushTarget)]
+
+
+def parse_labeling_config(xml: str) -> LabelingConfig:
+    """Every control of a labeling config that gem-backend fills or reads.
+
+    Returns a :class:`LabelingConfig`: the output targets (BrushLabels, PolygonLabels,
+    RectangleLabels that are not smart tools, Choices; each bound to an Image), the TextArea
+    prompt sources and the smart tools. ``model_skip`` works as in
+    :func:`parse_label_config`, so the targets may be empty for a config that is fine.
+
+    Raises :class:`LabelConfigError` when the XML does not parse, when no supported output
+    control is bound to an Image (the message lists what is supported and what was found),
+    or when an attribute we read has a bad value.
+    """
+    targets, texts, smart, found, usable_pairs = _walk(xml, tuple(_TARGET_CLASSES))
+    if usable_pairs == 0:
+        listed = ", ".join(found) if found else "no control tags"
+        raise LabelConfigError(
+            f"label config has nothing gem-backend can predict: it needs a {SUPPORTED_CONTROLS} "
+            f"control bound to an <Image>; found: {listed}"
+        )
+    return LabelingConfig(tuple(targets), tuple(texts), tuple(smart))
+
+
+def match_label(name: Any, target: LabelTarget) -> str | None:
+    """The label of ``target`` that ``name`` (e.g. a smart tool's label, a prompt suffix)
+    stands for: equal to a label (alias or value) or to a label's prompt, first exactly,
+    then ignoring case and surrounding spaces; None when nothing matches."""
+    if not isinstance(name, str):
+        return None
+    for label in target.labels:
+        if name == label:
+            return label
+    for label, prompt in zip(target.labels, target.prompts):
+        if name == prompt:
+            return label
+    folded = name.strip().casefold()
+    for label, prompt in zip(target.labels, target.prompts):
+        if folded in (label.strip().casefold(), prompt.strip().casefold()):
+            return label
+    return None
 
 
 def new_region_id() -> str:
@@ -282,6 +449,101 @@ def brush_region(
     }
 
 
+def _check_label(label: str, target: LabelTarget) -> None:
+    if label not in target.labels:
+        raise ValueError(f"label {label!r} is not one of {list(target.labels)} of {target.from_name!r}")
+
+
+def _percent(value: Any, what: str) -> float:
+    v = _finite_score(value, what)
+    if not -1e-9 <= v <= 100.0 + 1e-9:
+        raise ValueError(f"{what} must be a percentage in [0, 100], got {value!r}")
+    return min(max(v, 0.0), 100.0)
+
+
+def polygon_region(
+    points: Sequence[Sequence[float]],
+    label: str,
+    target: LabelTarget,
+    score: float,
+    width: int,
+    height: int,
+    region_id: str | None = None,
+) -> dict:
+    """One ``polygonlabels`` result.
+
+    - ``points``: ``[[x, y], ...]`` in percent of the image width/height (at least 3, not
+      repeating the first point at the end).
+    - ``width``/``height``: the image as Label Studio shows it (``original_width``/``_height``).
+    """
+    pts = [[_percent(x, "polygon x"), _percent(y, "polygon y")] for x, y in points]
+    if len(pts) < 3:
+        raise ValueError(f"a polygon needs at least 3 points, got {len(pts)}")
+    _check_label(label, target)
+    return {
+        "id": region_id if region_id is not None else new_region_id(),
+        "from_name": target.from_name,
+        "to_name": target.to_name,
+        "type": "polygonlabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "score": _finite_score(score, "score"),
+        "value": {"points": pts, "closed": True, "polygonlabels": [label]},
+    }
+
+
+def rectangle_region(
+    x: float,
+    y: float,
+    box_width: float,
+    box_height: float,
+    label: str,
+    target: LabelTarget,
+    score: float,
+    width: int,
+    height: int,
+    region_id: str | None = None,
+) -> dict:
+    """One ``rectanglelabels`` result: top-left corner ``x``/``y`` and size, in percent of
+    the image; ``width``/``height`` are the image's pixel size."""
+    _check_label(label, target)
+    value = {"x": _percent(x, "x"), "y": _percent(y, "y"), "width": _percent(box_width, "width"),
+             "height": _percent(box_height, "height"), "rotation": 0}
+    value["width"] = min(value["width"], 100.0 - value["x"])
+    value["height"] = min(value["height"], 100.0 - value["y"])
+    value["rectanglelabels"] = [label]
+    return {
+        "id": region_id if region_id is not None else new_region_id(),
+        "from_name": target.from_name,
+        "to_name": target.to_name,
+        "type": "rectanglelabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "score": _finite_score(score, "score"),
+        "value": value,
+    }
+
+
+def choices_region(choices: Sequence[str], target: LabelTarget, score: float,
+                   region_id: str | None = None) -> dict:
+    """One ``choices`` result (a classification of the whole image) with ``choices``."""
+    choices = list(choices)
+    if not choices:
+        raise ValueError("choices must not be empty")
+    for choice in choices:
+        _check_label(choice, target)
+    return {
+        "id": region_id if region_id is not None else new_region_id(),
+        "from_name": target.from_name,
+        "to_name": target.to_name,
+        "type": "choices",
+        "score": _finite_score(score, "score"),
+        "value": {"choices": choices},
+    }
+
+
 def prediction(
     regions: Iterable[dict] | Sequence[dict],
     model_version: str,
@@ -289,7 +551,8 @@ def prediction(
 ) -> dict:
     """One task's prediction: ``{"result": [...], "score": float, "model_version": str}``.
 
-    - ``regions``: results from :func:`brush_region`; their ids must be unique.
+    - ``regions``: results from :func:`brush_region` (or the polygon, rectangle and choices
+      builders); their ids must be unique.
     - ``model_version``: must equal what ``/setup`` returned, or Label Studio hides it.
     - ``score``: the prediction's overall score; None means the mean of the region scores.
       An empty result always gets score 0.0.

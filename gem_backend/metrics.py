@@ -22,6 +22,8 @@ class Metrics:
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.text_cache = Counter("gem_text_cache", "Text embedding lookups by result "
                                   "(local_hits, redis_hits, misses)", ["result"], registry=r)
+        self.image_cache = Counter("gem_image_cache", "Image feature lookups by result "
+                                   "(local_hits, redis_hits, misses)", ["result"], registry=r)
         self.task_failures = Counter("gem_task_failures", "Tasks answered with an empty prediction, by reason",
                                      ["reason"], registry=r)
         self.predictions = Counter("gem_predictions", "Task predictions returned", registry=r)

@@ -44,8 +44,11 @@ class SegmentationSettings:
         threshold: winning probability under which a pixel is background; 0 turns the
             background decision off (no background prompts, every pixel gets its best label).
         background_prompts: generic prompts competing with the labels as "not an object".
-        min_area: labels covering less than this fraction of the image are dropped.
+        min_area: labels covering less than this fraction of the image are dropped; also
+            the smallest connected component that becomes a polygon or a box.
         templates: prompt templates; several give the usual CLIP ensemble.
+        polygon_tolerance: how far (in percent of the image's longer side) a simplified
+            polygon may stray from the mask's outline; 0 keeps every pixel corner.
     """
 
     input_size: int = 448
@@ -56,6 +59,7 @@ class SegmentationSettings:
     background_prompts: tuple[str, ...] = DEFAULT_BACKGROUND_PROMPTS
     min_area: float = 0.001
     templates: tuple[str, ...] = field(default=DEFAULT_TEMPLATES)
+    polygon_tolerance: float = 0.25
 
     def __post_init__(self):
         if self.input_size < 16:
@@ -70,6 +74,8 @@ class SegmentationSettings:
             raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
         if not self.templates or any("{}" not in t for t in self.templates):
             raise ValueError("templates must be non-empty and each contain '{}'")
+        if not 0.0 <= self.polygon_tolerance <= 10.0:
+            raise ValueError(f"polygon_tolerance must be in [0, 10], got {self.polygon_tolerance}")
 
 
 def model_input_size(height: int, width: int, settings: SegmentationSettings,
@@ -95,12 +101,17 @@ class Segmentation:
         label_map: ``[H, W]`` uint16 at the original size: 0 background, ``i + 1`` label ``i``.
         scores: per present label, the mean winning probability inside its mask, in [0, 1].
         areas: per present label, the fraction of the image it covers.
+        input_map: the same decision at the model input size ``[H_in, W_in]`` (``label_map``
+            is its nearest-neighbour upsampling); region geometry works on it.
+        confidence: ``[H_in, W_in]`` float32 winning probability per pixel.
     """
 
     labels: list[str]
     label_map: np.ndarray
     scores: dict[str, float]
     areas: dict[str, float]
+    input_map: np.ndarray | None = None
+    confidence: np.ndarray | None = None
 
     @property
     def present(self) -> list[str]:
@@ -245,7 +256,7 @@ class GEMPredictor:
             scores[label] = float(sums[i] / counts[i])
             areas[label] = float(area)
         label_map = _resize_nearest(small, emb.original_size)
-        return Segmentation(labels, label_map, scores, areas)
+        return Segmentation(labels, label_map, scores, areas, input_map=small, confidence=best)
 
     def segment(self, image: np.ndarray, labels: Sequence[str]) -> Segmentation:
         """``set_image`` then ``predict``."""

@@ -17,10 +17,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .images import ImageError, ImageFetcher, original_size
-from .labelstudio import BrushTarget, LabelConfigError, brush_region, parse_label_config, prediction
+from .embedding_cache import EmbeddingCache, embedding_key, image_namespace
+from .images import ImageError, ImageFetcher, _decode, original_size
+from .interactive import InteractiveContext, parse_context, select_region
+from .labelstudio import (BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget,
+                          TextPromptTarget, brush_region, choices_region, match_label, parse_labeling_config,
+                          polygon_region, prediction, rectangle_region)
 from .metrics import Metrics
-from .segmentation import GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings
+from .regions import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
+from .segmentation import GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings, _resize_nearest
 from .settings import Settings, SettingsError
 from .text_cache import TextEmbeddingCache
 
@@ -41,11 +46,13 @@ class ModelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class ProjectSpec:
-    """What one project asks for: its brush targets, settings and model version."""
+    """What one project asks for: its output targets (brush, polygon, rectangle, choices),
+    settings, model version, and the TextAreas whose text is a prompt."""
 
-    targets: tuple[BrushTarget, ...]
+    targets: tuple[LabelTarget, ...]
     segmentation: SegmentationSettings
     model_version: str
+    text_prompts: tuple[TextPromptTarget, ...] = ()
 
 
 class GEMService:
@@ -78,6 +85,7 @@ class GEMService:
         self._caches: dict[tuple[str, ...], TextEmbeddingCache] = {}
         self._specs: dict[tuple[str, str], ProjectSpec] = {}
         self._caches_lock = threading.Lock()
+        self._image_cache: EmbeddingCache | None = None
 
     # ------------------------------------------------------------------ model
     @property
@@ -151,11 +159,11 @@ class GEMService:
         spec = self._specs.get(key) if key else None
         if spec is None:
             try:
-                targets = tuple(parse_label_config(label_config))
+                config = parse_labeling_config(label_config)
                 seg = self.settings.segmentation_for(extra_params)
             except (LabelConfigError, SettingsError) as err:
                 raise RequestError(str(err)) from None
-            spec = ProjectSpec(targets, seg, self.settings.model_version(seg))
+            spec = ProjectSpec(config.targets, seg, self.settings.model_version(seg), config.text_prompts)
             if key:
                 if len(self._specs) >= 256:  # projects x param sets: a handful in practice
                     self._specs.clear()
@@ -221,9 +229,53 @@ class GEMService:
         predictor = self.predictor(segmentation)
         return predictor.predict(list(prompts), self.embed(predictor, image, original_size))
 
+    # ------------------------------------------------------------------ image features
+    @property
+    def image_cache(self) -> EmbeddingCache:
+        """The image-feature cache (in-process LRU, and Redis with ``REDIS_URL``)."""
+        with self._caches_lock:
+            if self._image_cache is None:
+                s = self.settings
+                self._image_cache = EmbeddingCache(s.redis_url, max_bytes=max(0, s.image_cache_mb) << 20,
+                                                   ttl=s.image_cache_ttl)
+            return self._image_cache
+
+    def image_embedding(self, predictor: GEMPredictor, url: str, task_id: Any,
+                        segmentation: SegmentationSettings) -> ImageEmbedding:
+        """The GEM features of a task image: fetched bytes -> sha256 -> cache; only on a miss
+        is the image decoded and run through the image tower (then cached)."""
+        started = time.perf_counter()
+        data, content_type, source = self._fetch_raw(url, task_id)
+        loaded = self.load()
+        key = embedding_key(data, image_namespace(self.settings, segmentation, str(loaded.dtype)))
+        embedding, where = self.image_cache.get(key)
+        self.metrics.image_cache.labels(result={"local": "local_hits", "redis": "redis_hits"}.get(where, "misses")).inc()
+        if embedding is not None:
+            self.metrics.fetch_seconds.observe(time.perf_counter() - started)
+            return embedding
+        # decoding large JPEGs at a reduced scale is enough for the model input
+        image = _decode(data, source, self.fetcher.max_pixels, content_type, min_size=segmentation.input_size)
+        width, height = original_size(image)
+        pixels = np.asarray(image)
+        self.metrics.fetch_seconds.observe(time.perf_counter() - started)
+        embedding = self.embed(predictor, pixels, (height, width))
+        self.image_cache.put(key, embedding)
+        return embedding
+
+    def _fetch_raw(self, url: str, task_id: Any) -> tuple[bytes, str | None, str]:
+        """``(bytes, content type, URL description for messages)`` of a task image: what
+        :meth:`ImageFetcher.fetch` decodes, so errors read the same."""
+        raw = getattr(self.fetcher, "_get", None)
+        if raw is not None:
+            return raw(url, task_id)
+        return self.fetcher.fetch_bytes(url, task_id=task_id), None, f"the image of task {task_id}"
+
     def predict_tasks(self, tasks: Sequence[Mapping], label_config: str, extra_params: Any = None,
-                      spec: ProjectSpec | None = None) -> list[dict]:
+                      spec: ProjectSpec | None = None, context: Any = None) -> list[dict]:
         """One prediction per task, in order.
+
+        ``context``: Label Studio's ``params.context`` of an interactive call (smart-tool
+        clicks/boxes, TextArea text); see :meth:`predict_task_or_raise`.
 
         A task whose image cannot be fetched, decoded or segmented gets an empty
         prediction (``result: []``, score 0) and a warning naming the task and the reason;
@@ -236,37 +288,44 @@ class GEMService:
         spec = spec or self.project(label_config, extra_params)
         check_tasks(tasks, spec.targets)
         self.load()
-        return [self.predict_task(task, spec) for task in tasks]
+        return [self.predict_task(task, spec, context) for task in tasks]
 
-    def predict_task(self, task: Mapping, spec: ProjectSpec) -> dict:
+    def predict_task(self, task: Mapping, spec: ProjectSpec, context: Any = None) -> dict:
         """One task -> one prediction dict (never raises for image problems)."""
         try:
-            return self.predict_task_or_raise(task, spec)
+            return self.predict_task_or_raise(task, spec, context)
         except (ImageError, ValueError, OSError) as err:
             self.metrics.task_failures.labels(reason=type(err).__name__).inc()
             log.warning("task %s: no prediction: %s", task.get("id"), err)
             return prediction([], spec.model_version)
 
-    def predict_task_or_raise(self, task: Mapping, spec: ProjectSpec) -> dict:
+    def predict_task_or_raise(self, task: Mapping, spec: ProjectSpec, context: Any = None) -> dict:
         """One task -> one prediction dict; image problems raise (:class:`ImageError`,
-        ``ValueError``, ``OSError``) so that a caller can report them."""
+        ``ValueError``, ``OSError``) so that a caller can report them.
+
+        With smart-tool clicks or boxes in ``context`` (an interactive call), the prediction
+        holds the one object they designate (:meth:`predict_interactive`). Otherwise every
+        output control gets its regions; TextArea text (in ``context`` or the task data)
+        replaces the labels' prompts (:meth:`text_prompts`).
+        """
+        ctx = parse_context(context)
+        if ctx.has_geometry:
+            return self.predict_interactive(task, spec, ctx)
         task_id = task.get("id")
         predictor = self.predictor(spec.segmentation)
+        texts = self.text_prompts(task, spec, ctx)
         regions: list[dict] = []
         areas: list[float] = []
         embeddings: dict[str, ImageEmbedding] = {}
         for target in spec.targets:
+            pairs = self._label_prompts(target, texts.get(target.to_name), spec.segmentation)
+            if not pairs:
+                continue
             url = task["data"][target.value_key]
             if url not in embeddings:  # several controls on one image share its embedding
-                started = time.perf_counter()
-                # decoding large JPEGs at a reduced scale is enough for the model input
-                image = self.fetcher.fetch(url, task_id=task_id, min_size=spec.segmentation.input_size)
-                width, height = original_size(image)
-                pixels = np.asarray(image)
-                self.metrics.fetch_seconds.observe(time.perf_counter() - started)
-                embeddings[url] = self.embed(predictor, pixels, (height, width))
-            result = predictor.predict(list(dict.fromkeys(target.prompts)), embeddings[url])
-            for region, area in self._target_regions(result, target):
+                embeddings[url] = self.image_embedding(predictor, url, task_id, spec.segmentation)
+            result = predictor.predict(list(dict.fromkeys(p for _, p in pairs)), embeddings[url])
+            for region, area in self._target_regions(result, target, pairs, spec.segmentation):
                 regions.append(region)
                 areas.append(area)
         if not regions:
@@ -274,22 +333,188 @@ class GEMService:
         score = sum(r["score"] * a for r, a in zip(regions, areas)) / max(sum(areas), 1e-12)
         return prediction(regions, spec.model_version, score=score)
 
+    # ------------------------------------------------------------------ interactive
+    def predict_interactive(self, task: Mapping, spec: ProjectSpec, ctx: InteractiveContext) -> dict:
+        """The object the annotator's clicks/boxes designate, as one prediction on the output
+        control of that image: the control the clicks were drawn on when it is one, else the
+        first BrushLabels, else PolygonLabels, else RectangleLabels. Cheap after the first
+        call on an image: its GEM features come from the cache."""
+        target = self._interactive_target(spec, ctx)
+        if target is None:
+            log.info("task %s: interactive request for %s, which has no brush/polygon/rectangle control",
+                     task.get("id"), ctx.to_name)
+            return prediction([], spec.model_version)
+        seg = spec.segmentation
+        pairs = dict(zip(target.labels, target.prompts))
+        texts = self.text_prompts(task, spec, ctx).get(target.to_name)
+        for label, prompt in reversed(self._label_prompts(target, texts, seg) if texts else []):
+            pairs[label] = prompt  # a typed prompt names what to look for under its label
+        prompts = list(dict.fromkeys(pairs.values()))
+        wanted = match_label(ctx.label, target) if ctx.label else None
+        predictor = self.predictor(seg)
+        embedding = self.image_embedding(predictor, task["data"][target.value_key], task.get("id"), seg)
+        probs = predictor.probabilities(prompts, embedding)
+        chosen = select_region(probs, len(prompts), prompts.index(pairs[wanted]) if wanted else None,
+                               ctx.clicks, ctx.boxes, seg.threshold)
+        if not chosen.mask.any():
+            return prediction([], spec.model_version)
+        label = wanted or next(lab for lab, p in pairs.items() if p == prompts[chosen.label])
+        height, width = embedding.original_size
+        small = chosen.mask
+        if isinstance(target, BrushTarget):
+            full = _resize_nearest(small.astype(np.uint8), (height, width)).astype(bool)
+            regions = [brush_region(full, label, target, chosen.score)]
+        else:
+            regions = [region for region, _ in
+                       self._shapes(small, small.astype(np.float32) * chosen.score, label, target, seg,
+                                    (height, width), min_area=1)]
+        return prediction(regions, spec.model_version, score=chosen.score)
+
     @staticmethod
-    def _target_regions(result: Segmentation, target: BrushTarget) -> list[tuple[dict, float]]:
-        """Brush regions of one control: ``[(region, area fraction)]``."""
+    def _interactive_target(spec: ProjectSpec, ctx: InteractiveContext) -> LabelTarget | None:
+        shapes = [t for t in spec.targets if not isinstance(t, ChoicesTarget)
+                  and (ctx.to_name is None or t.to_name == ctx.to_name)]
+        for target in shapes:
+            if target.from_name == ctx.from_name:
+                return target
+        for kind in (BrushTarget, PolygonTarget, RectangleTarget):
+            for target in shapes:
+                if isinstance(target, kind):
+                    return target
+        return None
+
+    # ------------------------------------------------------------------ text prompts
+    def text_prompts(self, task: Mapping, spec: ProjectSpec, ctx: InteractiveContext | None = None
+                     ) -> dict[str, list[str]]:
+        """Free-text prompts per image (``to_name``): the ``textarea`` items of an interactive
+        context, else the task data under each TextArea's name (a string, one prompt per
+        line, or a list of strings)."""
+        out: dict[str, list[str]] = {}
+        images = {t.to_name for t in spec.targets}
+        by_name = {ta.from_name: ta.to_name for ta in spec.text_prompts}
+        if ctx is not None and ctx.texts:
+            for from_name, to_name, text in ctx.texts:
+                for name in ([to_name] if to_name else [by_name[from_name]] if from_name in by_name else images):
+                    out.setdefault(name, []).extend(_lines(text))
+            return out
+        data = task.get("data") or {}
+        for ta in spec.text_prompts:
+            value = data.get(ta.from_name)
+            items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+            for item in items:
+                if isinstance(item, str):
+                    out.setdefault(ta.to_name, []).extend(_lines(item))
+        return {k: list(dict.fromkeys(v)) for k, v in out.items() if v}
+
+    def _label_prompts(self, target: LabelTarget, texts: Sequence[str] | None,
+                       segmentation: SegmentationSettings) -> list[tuple[str, str]]:
+        """``[(label, prompt)]`` of a control: its labels' own prompts, or, given typed texts,
+        each text under the label it maps to (:meth:`map_text`)."""
+        if not texts:
+            return list(zip(target.labels, target.prompts))
+        return [self.map_text(text, target, segmentation) for text in texts]
+
+    def map_text(self, text: str, target: LabelTarget, segmentation: SegmentationSettings) -> tuple[str, str]:
+        """A typed prompt -> ``(label of target, prompt)``.
+
+        ``"brown cat_cats"`` (GroundingSAM's convention: after the last underscore, a label
+        of the control) -> ``("cats", "brown cat")``; a text that is itself a label (or a
+        label's prompt) -> that label; any other text -> the label whose prompt is nearest to
+        it in CLIP text space.
+        """
+        text = text.strip()
+        head, sep, tail = text.rpartition("_")
+        if sep and head.strip():
+            label = match_label(tail, target)
+            if label is not None:
+                return label, head.strip()
+        label = match_label(text, target)
+        if label is not None:
+            return label, text
+        emb = self.encode_text([text, *target.prompts], segmentation.templates)
+        return target.labels[int(np.argmax(emb[1:] @ emb[0]))], text
+
+    # ------------------------------------------------------------------ regions
+    def _target_regions(self, result: Segmentation, target: LabelTarget, pairs: Sequence[tuple[str, str]],
+                        segmentation: SegmentationSettings) -> list[tuple[dict, float]]:
+        """Regions of one control: ``[(region, area fraction)]``."""
         out, used = [], set()
-        for label, prompt in zip(target.labels, target.prompts):
+        present: list[tuple[str, str]] = []
+        for label, prompt in pairs:
             if prompt not in result.scores or prompt in used:  # a shared prompt's mask goes to the first label
                 continue
             used.add(prompt)
+            present.append((label, prompt))
+        if isinstance(target, ChoicesTarget):
+            return self._choices(result, target, present)
+        for label, prompt in present:
             score = result.scores[prompt]
-            if target.score_threshold is not None and score < target.score_threshold:
+            if isinstance(target, BrushTarget):
+                if target.score_threshold is not None and score < target.score_threshold:
+                    continue
+                out.append((brush_region(result.mask(prompt), label, target, score), result.areas[prompt]))
                 continue
-            out.append((brush_region(result.mask(prompt), label, target, score), result.areas[prompt]))
+            small = result.input_map == result.labels.index(prompt) + 1
+            out.extend(self._shapes(small, result.confidence, label, target, segmentation,
+                                    result.label_map.shape))
         return out
 
+    @staticmethod
+    def _shapes(small: np.ndarray, confidence: np.ndarray, label: str, target: LabelTarget,
+                segmentation: SegmentationSettings, size: tuple[int, int],
+                min_area: int | None = None) -> list[tuple[dict, float]]:
+        """Polygons (PolygonLabels) or boxes (RectangleLabels) of one label's mask at the
+        model input size: one per connected part of at least ``min_area`` pixels (default:
+        ``segmentation.min_area`` of the image), scored by the mean confidence inside."""
+        h, w = small.shape
+        height, width = size
+        if min_area is None:
+            min_area = max(1, int(np.ceil(segmentation.min_area * h * w)))
+        out = []
+        if isinstance(target, PolygonTarget):
+            tolerance = segmentation.polygon_tolerance / 100.0 * max(height, width)
+            polygons, comps = mask_polygons(small, tolerance=tolerance, min_area=min_area,
+                                            scale=(width / w, height / h))
+            means = component_means(comps, confidence)
+            for poly in polygons:
+                score = float(means[poly.component])
+                if target.score_threshold is not None and score < target.score_threshold:
+                    continue
+                out.append((polygon_region(to_percent(poly.points, (h, w)), label, target, score, width, height),
+                            poly.area / (h * w)))
+        elif isinstance(target, RectangleTarget):
+            comps = connected_components(small)
+            means = component_means(comps, confidence)
+            for x0, y0, x1, y1, k in bounding_boxes(small, min_area, comps):
+                score = float(means[k])
+                if target.score_threshold is not None and score < target.score_threshold:
+                    continue
+                out.append((rectangle_region(100.0 * x0 / w, 100.0 * y0 / h, 100.0 * (x1 - x0) / w,
+                                             100.0 * (y1 - y0) / h, label, target, score, width, height),
+                            float(comps.areas[k]) / (h * w)))
+        return out
 
-def check_tasks(tasks: Any, targets: Sequence[BrushTarget]) -> None:
+    @staticmethod
+    def _choices(result: Segmentation, target: ChoicesTarget,
+                 present: Sequence[tuple[str, str]]) -> list[tuple[dict, float]]:
+        """The choices whose prompt has a mask: all of them (``choice="multiple"``) or the one
+        covering most of the image."""
+        found = [(label, result.scores[p], result.areas[p]) for label, p in present
+                 if target.score_threshold is None or result.scores[p] >= target.score_threshold]
+        if not found:
+            return []
+        if not target.multiple:
+            found = [max(found, key=lambda item: item[2])]
+        area = sum(a for _, _, a in found)
+        score = sum(s * a for _, s, a in found) / max(area, 1e-12)
+        return [(choices_region([label for label, _, _ in found], target, score), area)]
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+def check_tasks(tasks: Any, targets: Sequence[LabelTarget]) -> None:
     """Raise :class:`RequestError` unless ``tasks`` is a list of task objects with image data."""
     if not isinstance(tasks, list):
         raise RequestError("'tasks' must be a list of task objects")

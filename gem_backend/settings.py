@@ -85,6 +85,7 @@ _SEG_FIELDS: dict[str, tuple[str, Any]] = {
     "background_prompts": ("GEM_BACKGROUND_PROMPTS", _parse_prompts),
     "min_area": ("GEM_MIN_AREA", float),
     "templates": ("GEM_TEMPLATES", parse_templates),
+    "polygon_tolerance": ("GEM_POLYGON_TOLERANCE", float),
 }
 
 
@@ -119,6 +120,8 @@ class Settings:
     # cache
     redis_url: str | None = field(default=None, repr=False)  # REDIS_URL
     text_cache_size: int = 4096                     # GEM_TEXT_CACHE_SIZE
+    image_cache_mb: int = 512                       # GEM_IMAGE_CACHE_MB: in-process image-feature cache, 0 = off
+    image_cache_ttl: int = 86400                    # GEM_IMAGE_CACHE_TTL: seconds image features live in Redis
     state_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "gem-backend")  # GEM_STATE_DIR
     # images
     fetch_timeout: float = 30.0                     # GEM_FETCH_TIMEOUT (read), connect is 5 s
@@ -177,6 +180,8 @@ class Settings:
             max_request_bytes=get("GEM_MAX_REQUEST_BYTES", int, base.max_request_bytes),
             redis_url=get("REDIS_URL", str, None),
             text_cache_size=get("GEM_TEXT_CACHE_SIZE", int, base.text_cache_size),
+            image_cache_mb=get("GEM_IMAGE_CACHE_MB", int, base.image_cache_mb),
+            image_cache_ttl=get("GEM_IMAGE_CACHE_TTL", int, base.image_cache_ttl),
             state_dir=get("GEM_STATE_DIR", str, None) or (os.path.join(env["MODEL_DIR"], "gem-state")
                                                           if env.get("MODEL_DIR") else base.state_dir),
             fetch_timeout=get("GEM_FETCH_TIMEOUT", float, base.fetch_timeout),
@@ -230,7 +235,7 @@ class Settings:
         seg = segmentation or self.segmentation
         key = json.dumps(dict(model=self.model, weights=self.weights_id, depth=self.depth,
                               iter=self.ss_attn_iter, temp=self.ss_attn_temp,
-                              seg=dataclasses.asdict(seg)), sort_keys=True)
+                              seg=_versioned(seg)), sort_keys=True)
         model = os.path.basename(self.model).removesuffix(".json")
         return f"gem-{model}-{self.weights_id}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
@@ -253,6 +258,20 @@ class Settings:
                 value = dataclasses.asdict(value)
             out[f.name] = value
         return out
+
+
+def _versioned(seg: SegmentationSettings) -> dict:
+    """The segmentation settings that enter the model version. Settings added later count
+    only when they differ from their default, so adding one keeps existing versions."""
+    out = dataclasses.asdict(seg)
+    for key, default in _LATER_SEG_DEFAULTS.items():
+        if out.get(key) == default:
+            out.pop(key)
+    return out
+
+
+# (settings added after the first release: name -> default)
+_LATER_SEG_DEFAULTS = {"polygon_tolerance": SegmentationSettings().polygon_tolerance}
 
 
 def parse_extra_params(extra_params: str | Mapping | None) -> dict:

@@ -398,9 +398,13 @@ def test_setup_extra_params_as_string_or_object_change_the_version(tmp_path):
     (dict(extra_params="[1, 2]"), ["extra_params", "JSON object"]),
     (dict(extra_params={"treshold": 0.5}), ["unknown setting", "treshold", "threshold"]),
     (dict(extra_params={"threshold": 2}), ["threshold"]),
-    (dict(schema='<View><Image name="image" value="$image"/>'
-                 '<RectangleLabels name="box" toName="image"><Label value="cat"/></RectangleLabels></View>'),
-     ["BrushLabels"]),
+    # only smart tools (prompts, no output) and a TextArea: nothing GEM can predict
+    (dict(schema='<View><Image name="image" value="$image"/><TextArea name="prompt" toName="image"/>'
+                 '<KeyPointLabels name="kp" toName="image" smart="true"><Label value="cat"/></KeyPointLabels>'
+                 '<RectangleLabels name="box" toName="image" smartOnly="true"><Label value="cat"/></RectangleLabels>'
+                 '</View>'),
+     ["BrushLabels", "PolygonLabels", "RectangleLabels", "Choices", "found: TextArea->image, KeyPointLabels->image",
+      "RectangleLabels->image (smart tool)"]),
     (dict(schema=None), ["label config"]),
 ])
 def test_setup_rejects_bad_params_and_configs_with_a_message(tmp_path, change, words):

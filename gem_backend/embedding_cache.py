@@ -1,0 +1,253 @@
+"""Cache of GEM image features (:class:`~gem_backend.segmentation.ImageEmbedding`).
+
+The image tower is the expensive part of a prediction (seconds on a CPU); everything after
+it (text similarities, the decision, the regions) is cheap. An annotator clicking on the
+same image again and again, or a task predicted in bulk and then opened for interactive
+labeling, should pay for it once. Two tiers, like the text cache:
+
+1. an in-process LRU bounded in bytes (always on unless its budget is 0), thread-safe;
+2. Redis (optional, ``REDIS_URL``), shared by workers and replicas, with a TTL.
+
+Key: ``sha256(image bytes)`` plus a namespace naming everything that changes the features
+(model, weights, GEM depth/iterations/temperature, the model's dtype and the input sizing
+``input_size``/``max_long_side``/``square``). The image bytes must still be fetched (they
+are the key), but decoding and the forward pass are skipped on a hit; the decoded image's
+full oriented size travels with the features.
+
+Redis values are compact: an 8-byte magic + a JSON header (grid, input size, original size,
+dtype) + the patch tokens as raw little-endian float32 (about 2 MB for a 448 x 597 input of
+ViT-B/16), bit-exact, so every worker and replica gives the same prediction whether the
+features were computed or fetched (float16, half the size, is read too). Redis failures
+never fail a request: one warning, then the LRU only, with a new try every ``retry_after``
+seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .segmentation import ImageEmbedding, SegmentationSettings
+from .text_cache import redact_url
+
+logger = logging.getLogger(__name__)
+
+_MAGIC = b"GIE1"
+_HEAD = struct.Struct("<4sI")  # magic, JSON header length
+_DTYPES = {"<f4": 4, "<f2": 2}  # patch token encodings: bytes per value
+
+
+def image_namespace(settings, segmentation: SegmentationSettings, dtype: str | None = None) -> str:
+    """Everything besides the image bytes that changes the cached features: the model and
+    GEM settings, the dtype the model runs in (default: ``settings.precision``) and the
+    input sizing of ``segmentation``."""
+    return json.dumps([settings.model, settings.weights_id, settings.depth, settings.ss_attn_iter,
+                       settings.ss_attn_temp, dtype or settings.precision,
+                       segmentation.input_size, segmentation.max_long_side, bool(segmentation.square)])
+
+
+def embedding_key(data: bytes, namespace: str) -> str:
+    """Cache key of one image's features: sha256 of the namespace and of the bytes."""
+    ns = hashlib.sha256(namespace.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{ns}:{hashlib.sha256(data).hexdigest()}"
+
+
+def embedding_nbytes(emb: ImageEmbedding) -> int:
+    return int(emb.patches.numel() * emb.patches.element_size()) + 256
+
+
+def encode_embedding(emb: ImageEmbedding, dtype: str = "<f4") -> bytes:
+    """ImageEmbedding -> bytes; ``dtype`` of the patch tokens: ``"<f4"`` (exact) or ``"<f2"``."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    patches = emb.patches.detach().to(torch.float32).cpu().numpy()
+    header = json.dumps(dict(grid=list(emb.grid), input_size=list(emb.input_size),
+                             original_size=list(emb.original_size), shape=list(patches.shape),
+                             dtype=dtype)).encode()
+    return _HEAD.pack(_MAGIC, len(header)) + header + patches.astype(dtype).tobytes()
+
+
+def decode_embedding(raw: object) -> ImageEmbedding | None:
+    """Inverse of :func:`encode_embedding` (tokens in float32); None if malformed."""
+    try:
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) <= _HEAD.size:
+            return None
+        magic, hlen = _HEAD.unpack_from(raw)
+        if magic != _MAGIC:
+            return None
+        header = json.loads(bytes(raw[_HEAD.size:_HEAD.size + hlen]))
+        n, dim = (int(v) for v in header["shape"])
+        grid = tuple(int(v) for v in header["grid"])
+        body = bytes(raw[_HEAD.size + hlen:])
+        dtype = header.get("dtype")
+        if dtype not in _DTYPES or len(body) != _DTYPES[dtype] * n * dim or grid[0] * grid[1] != n:
+            return None
+        patches = np.frombuffer(body, dtype=dtype).astype(np.float32).reshape(n, dim)
+        if not np.isfinite(patches).all():
+            return None
+        return ImageEmbedding(patches=torch.from_numpy(patches), grid=grid,
+                              input_size=tuple(int(v) for v in header["input_size"]),
+                              original_size=tuple(int(v) for v in header["original_size"]))
+    except (ValueError, KeyError, TypeError, struct.error):
+        return None
+
+
+class EmbeddingCache:
+    """Image features by key: an LRU bounded in bytes, and Redis when a URL is given.
+
+    Args:
+        redis_url: ``redis://...``; None = in-process only. A malformed URL raises here.
+        max_bytes: LRU budget (patch tokens as stored); 0 disables the LRU.
+        ttl: seconds an entry lives in Redis (0: no expiry).
+        key_prefix: prefix of every Redis key.
+        retry_after: seconds between Redis retries after a failure.
+        redis_timeout: socket timeouts, i.e. the most a dead Redis costs one request.
+    """
+
+    def __init__(self, redis_url: str | None = None, max_bytes: int = 512 << 20, ttl: int = 86400,
+                 key_prefix: str = "gem:image:", retry_after: float = 30.0, redis_timeout: float = 0.5):
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.max_bytes = int(max_bytes)
+        self.ttl = int(ttl)
+        self.retry_after = float(retry_after)
+        self._prefix = key_prefix
+        self._lru: OrderedDict[str, tuple[ImageEmbedding, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._counts = dict(local_hits=0, redis_hits=0, misses=0, redis_errors=0, redis_invalid=0)
+        self._redis = None
+        self._redis_errors: tuple = (OSError,)
+        self._redis_ok = False
+        self._next_retry = 0.0
+        self._warned = False
+        self._url = redact_url(redis_url) if redis_url else None
+        if redis_url:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            self._redis_errors = (redis.RedisError, OSError)
+            self._redis = redis.Redis.from_url(
+                redis_url, socket_timeout=redis_timeout, socket_connect_timeout=redis_timeout,
+                retry=Retry(NoBackoff(), 0), decode_responses=False, health_check_interval=0)
+            self._redis_ok = True  # first use tells; no ping at construction (startup stays fast)
+
+    # ------------------------------------------------------------------ API
+    def get(self, key: str) -> tuple[ImageEmbedding | None, str]:
+        """``(features, where)``: where is ``"local"``, ``"redis"`` or ``"miss"``."""
+        with self._lock:
+            hit = self._lru.get(key)
+            if hit is not None:
+                self._lru.move_to_end(key)
+                self._counts["local_hits"] += 1
+                return hit[0], "local"
+        emb = self._redis_get(key)
+        if emb is not None:
+            self._lru_put(key, emb)
+            with self._lock:
+                self._counts["redis_hits"] += 1
+            return emb, "redis"
+        with self._lock:
+            self._counts["misses"] += 1
+        return None, "miss"
+
+    def put(self, key: str, emb: ImageEmbedding) -> None:
+        self._lru_put(key, emb)
+        self._redis_put(key, emb)
+
+    @property
+    def stats(self) -> dict:
+        with self._lock:
+            out: dict = dict(self._counts)
+            out.update(entries=len(self._lru), bytes=self._bytes,
+                       redis_ok=self._redis is not None and self._redis_ok)
+        return out
+
+    def clear_local(self) -> None:
+        with self._lock:
+            self._lru.clear()
+            self._bytes = 0
+
+    # ------------------------------------------------------------------ LRU
+    def _lru_put(self, key: str, emb: ImageEmbedding) -> None:
+        size = embedding_nbytes(emb)
+        if self.max_bytes == 0 or size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._lru.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._lru[key] = (emb, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes and self._lru:
+                _, (_, freed) = self._lru.popitem(last=False)
+                self._bytes -= freed
+
+    # ------------------------------------------------------------------ Redis
+    def _client(self):
+        if self._redis is None:
+            return None
+        with self._lock:
+            if self._redis_ok:
+                return self._redis
+            now = time.monotonic()
+            if now < self._next_retry:
+                return None
+            self._next_retry = now + self.retry_after
+            return self._redis
+
+    def _down(self, exc: BaseException) -> None:
+        with self._lock:
+            self._counts["redis_errors"] += 1
+            self._next_retry = time.monotonic() + self.retry_after
+            first = self._redis_ok or not self._warned
+            self._redis_ok = False
+            self._warned = True
+        if first:
+            logger.warning("image feature cache: Redis at %s unavailable (%s: %s); in-process cache only, "
+                           "retrying every %.0f s", self._url, type(exc).__name__, exc, self.retry_after)
+
+    def _up(self) -> None:
+        with self._lock:
+            if self._redis_ok:
+                return
+            self._redis_ok = True
+        logger.info("image feature cache: Redis at %s is reachable again", self._url)
+
+    def _redis_get(self, key: str) -> ImageEmbedding | None:
+        client = self._client()
+        if client is None:
+            return None
+        try:
+            raw = client.get(self._prefix + key)
+        except self._redis_errors as exc:
+            self._down(exc)
+            return None
+        self._up()
+        if raw is None:
+            return None
+        emb = decode_embedding(raw)
+        if emb is None:
+            with self._lock:
+                self._counts["redis_invalid"] += 1
+        return emb
+
+    def _redis_put(self, key: str, emb: ImageEmbedding) -> None:
+        client = self._client()
+        if client is None:
+            return
+        try:
+            client.set(self._prefix + key, encode_embedding(emb), ex=self.ttl if self.ttl > 0 else None)
+        except self._redis_errors as exc:
+            self._down(exc)
+            return
+        self._up()
