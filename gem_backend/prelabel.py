@@ -1,0 +1,824 @@
+"""Bulk pre-labeling: predict a whole Label Studio project and store the predictions via its API.
+
+Label Studio's "Retrieve predictions" sends every selected task to ``/predict`` in one request
+with a 100 s timeout, which on CPU covers a few dozen images at most. ``gem-backend prelabel``
+instead lists the project's tasks itself, predicts them in batches with the same function as
+``/predict`` (:meth:`GEMService.predict_task_or_raise`) and the same settings and
+``model_version`` as the project's connected backend, and stores each batch through the API:
+
+    gem-backend prelabel --project 3                       # one process, progress bar, summary
+    gem-backend prelabel --project 3 --ids 1,2,10-20       # only these tasks
+    gem-backend prelabel --project 3 --view 7 --limit 100  # a Data Manager tab, at most 100 tasks
+    gem-backend prelabel --project 3 --queue --wait        # RQ jobs for `gem-backend worker`s
+
+Every run skips the tasks that already hold a prediction of the project's ``model_version``, so
+a second run stores nothing and an interrupted run resumes where it stopped.
+
+No task gets the version twice: right before a batch is stored, each task's predictions are read
+again and tasks that got the version meanwhile are dropped from the batch. With Redis
+(``REDIS_URL``) that check and the store happen under a per-task lock (:class:`TaskLocks`), so two
+processes working on the same task (a retried job whose first worker was only presumed dead, two
+runs at once) cannot both store it.
+
+Label Studio API calls used (1.23): ``GET /api/projects/{id}``, ``GET /api/ml?project={id}``,
+``GET /api/tasks`` (Data Manager list, paginated, ``fields=task_only``),
+``GET /api/predictions?task={id}``, ``POST /api/projects/{id}/import/predictions`` (falls back to
+one ``POST /api/predictions`` per task on instances without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import requests
+
+from .images import ImageError, ImageFetcher
+from .service import GEMService, ProjectSpec, RequestError, check_tasks
+from .settings import SettingsError, parse_extra_params
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_PAGE_SIZE = 100
+LOCK_TTL_S = 120        # > connect + read timeout of one store request, so a live holder never loses it
+LOCK_WAIT_S = 150       # > LOCK_TTL_S: a lock left by a killed process has expired by then
+_LOCK_PREFIX = "gem:prelabel:lock:"
+
+EXIT_OK, EXIT_FAILED_TASKS, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class PrelabelError(RuntimeError):
+    """The run cannot start or go on (bad project, settings, Label Studio or Redis); the message
+    says what to do. The CLI prints it and exits with status 2."""
+
+
+class LabelStudioError(PrelabelError):
+    """A Label Studio API call failed; ``status`` is the HTTP status (None: no reply)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+# ----------------------------------------------------------------------------------- API client
+class LabelStudioAPI:
+    """The few Label Studio API calls of a pre-labeling run.
+
+    ``api_key`` is a legacy token or a personal access token: authentication is the one of
+    :class:`ImageFetcher` (``Token`` header, or the PAT exchanged for short-lived access tokens,
+    refreshed on a 401), so the backend, the workers and this client accept the same keys.
+    Idempotent GETs are retried on connection errors and 502/503/504; writes are not (a retry
+    could store twice: the callers re-check instead).
+    """
+
+    def __init__(self, url: str | None, api_key: str | None, timeout: tuple[float, float] = (5.0, 60.0)):
+        if not url:
+            raise PrelabelError("no Label Studio URL: set LABEL_STUDIO_URL or pass --ls-url")
+        if not api_key:
+            raise PrelabelError("no Label Studio API key: set LABEL_STUDIO_API_KEY or pass --api-key "
+                                "(Account & Settings > Personal Access Token, or a legacy token)")
+        try:
+            self._auth = ImageFetcher(url, api_key, timeout=timeout)
+        except ValueError as err:
+            raise PrelabelError(str(err)) from None
+        self.url = self._auth.label_studio_url
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = self._auth.session.headers["User-Agent"]
+        retry = requests.adapters.Retry(total=3, backoff_factor=0.5, status_forcelist=(502, 503, 504),
+                                        allowed_methods=frozenset({"GET"}), raise_on_status=False)
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, requests.adapters.HTTPAdapter(max_retries=retry))
+
+    def close(self) -> None:
+        self.session.close()
+        self._auth.close()
+
+    def request(self, method: str, path: str, *, params: Mapping | None = None, body: Any = None,
+                ok: Sequence[int] = (200, 201)) -> Any:
+        """``method path`` -> decoded JSON reply (None if empty); raises :class:`LabelStudioError`."""
+        url = self.url + path
+        resp = None
+        for attempt in (0, 1):
+            try:
+                headers = self._auth._auth_header(force_refresh=attempt == 1)
+            except ImageError as err:  # the PAT exchange failed; the message has no secrets
+                raise LabelStudioError(str(err)) from None
+            try:
+                resp = self.session.request(method, url, params=params, json=body, headers=headers,
+                                            timeout=self.timeout)
+            except requests.RequestException as err:
+                raise LabelStudioError(f"{method} {path}: {type(err).__name__}: is Label Studio running "
+                                       f"at {self.url}?") from None
+            if resp.status_code == 401 and attempt == 0 and self._auth.auth_mode == "pat":
+                continue  # the cached access token may have expired early: one fresh exchange
+            break
+        if resp.status_code not in ok:
+            hint = ""
+            if resp.status_code == 401:
+                hint = " (is LABEL_STUDIO_API_KEY a valid key of this instance?)"
+            elif resp.status_code == 404 and path.startswith("/api/projects/"):
+                hint = " (no such project, or no access to it)"
+            raise LabelStudioError(f"{method} {path} -> HTTP {resp.status_code}{hint}: "
+                                   f"{self._auth._scrub(resp.text[:300])}", status=resp.status_code)
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError:
+            raise LabelStudioError(f"{method} {path}: the reply is not JSON "
+                                   f"(is {self.url} a Label Studio?)", status=resp.status_code) from None
+
+    # -- reads --------------------------------------------------------------------------
+    def project(self, project: int) -> dict:
+        return self.request("GET", f"/api/projects/{project}")
+
+    def ml_backends(self, project: int) -> list[dict]:
+        body = self.request("GET", "/api/ml", params={"project": project})
+        return body if isinstance(body, list) else (body or {}).get("results", [])
+
+    def iter_tasks(self, project: int, *, view: int | None = None, query: Mapping | None = None,
+                   page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[dict]:
+        """Tasks of the project (or of a Data Manager view / query) in Data Manager order.
+
+        Each task is ``{"id": int, "data": {...}, ...}`` without predictions or annotations
+        (``fields=task_only``), with its data as stored (``resolve_uri=false``), as Label Studio
+        sends tasks to ``/predict``.
+        """
+        page = 1
+        while True:
+            params: dict[str, Any] = {"project": project, "page": page, "page_size": page_size,
+                                      "fields": "task_only", "resolve_uri": "false"}
+            if view is not None:
+                params["view"] = view
+            if query is not None:
+                params["query"] = json.dumps(query)
+            try:
+                body = self.request("GET", "/api/tasks", params=params)
+            except LabelStudioError as err:
+                if err.status == 404 and page > 1:  # past the last page ("Invalid page.")
+                    return
+                raise
+            tasks = (body or {}).get("tasks") or []
+            yield from tasks
+            if len(tasks) < page_size:
+                return
+            page += 1
+
+    def task_ids_with_version(self, project: int, model_version: str) -> set[int]:
+        """Ids of the tasks holding a prediction whose model_version contains ``model_version``.
+
+        A Data Manager filter (substring match, so a prefilter: callers re-check exactly
+        before storing).
+        """
+        query = {"filters": {"conjunction": "and", "items": [{
+            "filter": "filter:tasks:predictions_model_versions", "operator": "contains",
+            "type": "List", "value": [model_version]}]}}
+        return {int(t["id"]) for t in self.iter_tasks(project, query=query, page_size=500)}
+
+    def task_predictions(self, task: int) -> list[dict]:
+        body = self.request("GET", "/api/predictions", params={"task": task})
+        return body if isinstance(body, list) else (body or {}).get("results", [])
+
+    def has_version(self, task: int, model_version: str) -> bool:
+        """Exact check: does the task hold a prediction of ``model_version`` now?"""
+        return any(p.get("model_version") == model_version for p in self.task_predictions(task))
+
+    # -- writes -------------------------------------------------------------------------
+    def import_predictions(self, project: int, predictions: list[dict]) -> int | None:
+        """Bulk store ``[{"task": id, "result": [...], "score": s, "model_version": v}]``.
+
+        Returns the number Label Studio created, or None when this instance has no bulk
+        endpoint (then use :meth:`create_prediction`). A 400 (one item refused: all are)
+        raises :class:`LabelStudioError`.
+        """
+        try:
+            body = self.request("POST", f"/api/projects/{project}/import/predictions", body=predictions)
+        except LabelStudioError as err:
+            if err.status in (404, 405):
+                return None
+            raise
+        return int((body or {}).get("created", 0))
+
+    def create_prediction(self, prediction: dict) -> dict:
+        return self.request("POST", "/api/predictions", body=prediction)
+
+
+# ----------------------------------------------------------------------------------- locks
+class TaskLocks:
+    """Per-task locks in Redis around "check the task's predictions, then store".
+
+    Key ``gem:prelabel:lock:<project>:<task>``, value a random token, set with ``SET NX PX``
+    and a ``ttl`` (seconds) longer than one store request, deleted only by the holder (compare
+    and delete in Lua). A holder that dies leaves the lock to expire; waiters poll for ``wait``
+    seconds, longer than the ttl. Locks of a batch are taken in task-id order so that two
+    batches that share tasks cannot deadlock.
+    """
+
+    _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+    def __init__(self, redis_client, ttl: float = LOCK_TTL_S, wait: float = LOCK_WAIT_S, poll: float = 0.05):
+        self.redis = redis_client
+        self.ttl = ttl
+        self.wait = wait
+        self.poll = poll
+        self._release = redis_client.register_script(self._RELEASE)
+
+    @staticmethod
+    def key(project: int, task: int) -> str:
+        return f"{_LOCK_PREFIX}{project}:{task}"
+
+    @contextlib.contextmanager
+    def hold(self, project: int, tasks: Iterable[int]) -> Iterator[None]:
+        """Hold the locks of ``tasks`` for the ``with`` block; raises :class:`PrelabelError`
+        if one stays taken for ``wait`` seconds."""
+        token = secrets.token_hex(16)
+        held: list[str] = []
+        try:
+            for task in sorted(set(tasks)):
+                key = self.key(project, task)
+                deadline = time.monotonic() + self.wait
+                while not self.redis.set(key, token, nx=True, px=int(self.ttl * 1000)):
+                    if time.monotonic() > deadline:
+                        raise PrelabelError(f"task {task}: its lock {key} stayed taken for {self.wait:.0f} s")
+                    time.sleep(self.poll)
+                held.append(key)
+            yield
+        finally:
+            for key in held:
+                try:
+                    self._release(keys=[key], args=[token])
+                except Exception as err:  # it expires anyway
+                    log.warning("could not release %s: %s", key, type(err).__name__)
+
+
+class _NoLocks:
+    """Stand-in without Redis: the re-check before storing still runs, unlocked."""
+
+    @contextlib.contextmanager
+    def hold(self, project: int, tasks: Iterable[int]) -> Iterator[None]:
+        yield
+
+
+NO_LOCKS = _NoLocks()
+
+
+# ----------------------------------------------------------------------------------- project
+@dataclass(frozen=True)
+class Target:
+    """What every batch of a run needs, JSON-serialisable (it travels in queue jobs).
+
+    ``project``: Label Studio project id; ``label_config``: its XML; ``extra_params``: the
+    settings overrides (dict); ``model_version``: the version the predictions get, which every
+    process must compute identically from these and its own ``GEM_*`` settings.
+    """
+
+    project: int
+    label_config: str
+    extra_params: dict
+    model_version: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Target":
+        return cls(int(data["project"]), str(data["label_config"]), dict(data.get("extra_params") or {}),
+                   str(data["model_version"]))
+
+
+def resolve_target(api: LabelStudioAPI, service: GEMService, project: int, *,
+                   extra_params: str | Mapping | None = None, ml_backend: int | None = None,
+                   ignore_backend_version: bool = False) -> tuple[Target, list[str]]:
+    """The project's label config, settings and model_version, as its backend would use them.
+
+    ``extra_params`` are those of the project's connected ML backend (``GET /api/ml``; with
+    several, ``ml_backend`` picks one by id, else the one whose title is the project's
+    ``model_version``), unless ``extra_params`` is given. When the backend reports a
+    ``model_version`` other than the one computed here (the backend runs with other ``GEM_*``
+    settings), this raises :class:`PrelabelError` unless ``ignore_backend_version``.
+
+    Returns ``(target, notes)``: notes are lines for the user.
+    """
+    info = api.project(project)
+    label_config = info.get("label_config") or ""
+    notes: list[str] = []
+    backend = None
+    backends = api.ml_backends(project)
+    if ml_backend is not None:
+        backend = next((b for b in backends if b.get("id") == ml_backend), None)
+        if backend is None:
+            raise PrelabelError(f"project {project} has no ML backend {ml_backend}; connected: "
+                                f"{[b.get('id') for b in backends] or 'none'}")
+    elif len(backends) == 1:
+        backend = backends[0]
+    elif backends:
+        active = [b for b in backends if info.get("model_version") and b.get("title") == info.get("model_version")]
+        if len(active) != 1:
+            raise PrelabelError(f"project {project} has {len(backends)} ML backends "
+                                f"({', '.join(str(b.get('id')) for b in backends)}): pick one with --ml-backend ID")
+        backend = active[0]
+    if extra_params is None:
+        raw = backend.get("extra_params") if backend else None
+        if backend is None:
+            notes.append(f"project {project} has no ML backend connected: using this process's settings "
+                         f"(pass --extra-params for per-project ones)")
+    else:
+        raw = extra_params
+    try:
+        params = parse_extra_params(raw)
+        spec = service.project(label_config, params)
+    except (SettingsError, RequestError) as err:
+        raise PrelabelError(f"project {project}: {err}") from None
+    reported = (backend or {}).get("model_version") or ""
+    if backend is not None and reported and reported != spec.model_version:
+        message = (f"the project's ML backend {backend.get('id')} ({backend.get('url')}) reports model_version "
+                   f"{reported!r}, but these settings give {spec.model_version!r}: run prelabel with the backend's "
+                   f"GEM_* settings (and its extra_params), or pass --ignore-backend-version")
+        if not ignore_backend_version:
+            raise PrelabelError(message)
+        notes.append("warning: " + message.split(": run prelabel")[0])
+    return Target(int(project), label_config, params, spec.model_version), notes
+
+
+# ----------------------------------------------------------------------------------- selection
+def parse_ids(text: str) -> list[int]:
+    """``"1,2, 5-9"`` -> ``[1, 2, 5, 6, 7, 8, 9]`` (order kept, duplicates dropped)."""
+    out: list[int] = []
+    for part in re.split(r"[,\s]+", text.strip()):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise PrelabelError(f"--ids: {part!r} is not a task id or a range like 10-20")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo or hi - lo > 1_000_000:
+            raise PrelabelError(f"--ids: bad range {part!r}")
+        out.extend(range(lo, hi + 1))
+    if not out:
+        raise PrelabelError("--ids: no task ids given")
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class Selection:
+    """The tasks a run was asked for, split into those still to predict and those skipped."""
+
+    selected: int
+    pending: list[dict]          # [{"id": int, "data": {...}}], listing order, --limit applied
+    already: int                 # selected tasks that already hold the model_version
+    missing_ids: list[int] = field(default_factory=list)   # --ids not found in the project/view
+
+
+def select_tasks(api: LabelStudioAPI, target: Target, *, ids: Sequence[int] | None = None,
+                 view: int | None = None, limit: int | None = None) -> Selection:
+    """List the selected tasks and drop those that already hold ``target.model_version``.
+
+    ``ids`` and ``view`` narrow the selection (both: the view's tasks among the ids);
+    ``limit`` caps the number of tasks still to predict (so ``--limit 100`` pre-labels 100
+    more tasks each time).
+    """
+    if ids is not None and view is None:
+        wanted = list(ids)
+        tasks = []
+        for start in range(0, len(wanted), 200):  # the query travels in the URL: keep it short
+            chunk = wanted[start:start + 200]
+            query = {"selectedItems": {"all": False, "included": chunk}}
+            tasks.extend(api.iter_tasks(target.project, query=query))
+    else:
+        tasks = list(api.iter_tasks(target.project, view=view))
+        if ids is not None:
+            keep = set(ids)
+            tasks = [t for t in tasks if int(t["id"]) in keep]
+    found = {int(t["id"]) for t in tasks}
+    missing = [i for i in ids if i not in found] if ids is not None else []
+    done = api.task_ids_with_version(target.project, target.model_version) if tasks else set()
+    todo = [{"id": int(t["id"]), "data": t.get("data") or {}} for t in tasks if int(t["id"]) not in done]
+    already = len(tasks) - len(todo)
+    if limit is not None:
+        todo = todo[:max(0, limit)]
+    return Selection(selected=len(tasks), pending=todo, already=already, missing_ids=missing)
+
+
+# ----------------------------------------------------------------------------------- one batch
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one task: ``status`` is ``done`` (stored now), ``skipped`` (it already
+    had the version) or ``failed`` (``reason`` says why; nothing stored)."""
+
+    task: int
+    status: str
+    reason: str = ""
+
+
+def predict_and_store(service: GEMService, api: LabelStudioAPI, target: Target, tasks: Sequence[Mapping], *,
+                      locks=NO_LOCKS, spec: ProjectSpec | None = None,
+                      on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Predict ``tasks`` (``[{"id", "data"}]``) and store the predictions; one outcome per task.
+
+    1. tasks that hold the version already (stored by an earlier or concurrent run) are skipped
+       before any work;
+    2. each remaining task is predicted by :meth:`GEMService.predict_task_or_raise`, the
+       function behind ``/predict``; a task whose image cannot be fetched or decoded (or which
+       lacks the image field) fails with the reason, and nothing is stored for it;
+    3. under the tasks' locks, each prediction's task is checked again and the batch is stored
+       in one request without those that got the version meanwhile.
+
+    Raises :class:`PrelabelError` (Label Studio or Redis unusable) and
+    :class:`~gem_backend.service.ModelUnavailable`; per-task problems are outcomes.
+    """
+    spec = spec or service.project(target.label_config, target.extra_params)
+    outcomes: dict[int, Outcome] = {}
+
+    def record(outcome: Outcome) -> None:
+        outcomes[outcome.task] = outcome
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    if spec.model_version != target.model_version:
+        for task in tasks:
+            record(Outcome(int(task["id"]), "failed",
+                           f"this process's settings give model_version {spec.model_version!r}, the run "
+                           f"uses {target.model_version!r}: start it with the same GEM_* settings"))
+        return [outcomes[int(t["id"])] for t in tasks]
+    ready: list[tuple[int, dict]] = []
+    for task in tasks:
+        task_id = int(task["id"])
+        if api.has_version(task_id, target.model_version):
+            record(Outcome(task_id, "skipped", "already has a prediction of this model_version"))
+            continue
+        try:
+            check_tasks([dict(task)], spec.targets)
+            pred = service.predict_task_or_raise(task, spec)
+        except (RequestError, ImageError, ValueError, OSError) as err:
+            record(Outcome(task_id, "failed", str(err) or type(err).__name__))
+            continue
+        ready.append((task_id, pred))
+    if ready:
+        for outcome in _store(api, target, ready, locks):
+            record(outcome)
+    return [outcomes[int(t["id"])] for t in tasks]
+
+
+def _store(api: LabelStudioAPI, target: Target, ready: list[tuple[int, dict]], locks) -> list[Outcome]:
+    """Check-then-store under the tasks' locks; see :func:`predict_and_store`."""
+    out: list[Outcome] = []
+    with locks.hold(target.project, [task for task, _ in ready]):
+        fresh = []
+        for task, pred in ready:
+            if api.has_version(task, target.model_version):
+                out.append(Outcome(task, "skipped", "stored meanwhile by another run or an earlier try"))
+            else:
+                fresh.append((task, pred))
+        if not fresh:
+            return out
+        payload = [{"task": task, "result": pred["result"], "score": pred.get("score"),
+                    "model_version": target.model_version} for task, pred in fresh]
+        try:
+            created = api.import_predictions(target.project, payload)
+        except LabelStudioError as err:
+            if err.status != 400:
+                raise
+            created = None  # one bad item (e.g. a task deleted meanwhile) refuses them all: isolate it
+        if created is None:  # no bulk endpoint, or a refused batch: one request per task
+            for (task, _), item in zip(fresh, payload):
+                try:
+                    api.create_prediction(item)
+                    out.append(Outcome(task, "done"))
+                except LabelStudioError as err:
+                    if err.status is None or err.status >= 500:
+                        raise
+                    out.append(Outcome(task, "failed", f"Label Studio refused the prediction: {err}"))
+        elif created == len(payload):
+            out.extend(Outcome(task, "done") for task, _ in fresh)
+        else:
+            # Label Studio drops predictions that do not fit the label config and says only how
+            # many it created: find out which ones
+            for task, _ in fresh:
+                if api.has_version(task, target.model_version):
+                    out.append(Outcome(task, "done"))
+                else:
+                    out.append(Outcome(task, "failed", "Label Studio did not store the prediction (it drops "
+                                       "predictions that do not fit the label config; see its log)"))
+    return out
+
+
+# ----------------------------------------------------------------------------------- summary
+@dataclass
+class Summary:
+    """The result of a run (``--summary-json`` writes :meth:`as_dict`).
+
+    JSON: ``{"project": int, "model_version": str, "selected": int, "done": int, "skipped": int,
+    "failed": [{"task": int, "reason": str}], "not_processed": int, "interrupted": bool,
+    "missing_ids": [int], "seconds": float, "run": str|null, "queue": str|null, "error": str|null}``.
+    ``error``: why the run stopped early (Label Studio or Redis failed), else null.
+    ``skipped`` counts tasks that already held the version (before the run or when stored).
+    """
+
+    project: int
+    model_version: str
+    selected: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: list[dict] = field(default_factory=list)
+    not_processed: int = 0
+    interrupted: bool = False
+    missing_ids: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    run: str | None = None
+    queue: str | None = None
+    error: str | None = None
+
+    def add(self, outcome: Outcome) -> None:
+        if outcome.status == "done":
+            self.done += 1
+        elif outcome.status == "skipped":
+            self.skipped += 1
+        else:
+            self.failed.append({"task": outcome.task, "reason": outcome.reason})
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def exit_code(self) -> int:
+        if self.error:
+            return EXIT_ERROR
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED_TASKS if self.failed or self.not_processed else EXIT_OK
+
+    def text(self) -> str:
+        rate = f" ({self.done / self.seconds:.2f} tasks/s)" if self.seconds > 0 and self.done else ""
+        lines = [f"project {self.project}, model_version {self.model_version}"
+                 + (f", run {self.run}" if self.run else "") + ":",
+                 f"  {self.done} done, {self.skipped} skipped (already had this model_version), "
+                 f"{len(self.failed)} failed, of {self.selected} selected, in {self.seconds:.1f} s{rate}"]
+        if self.missing_ids:
+            shown = ", ".join(map(str, self.missing_ids[:20])) + (" ..." if len(self.missing_ids) > 20 else "")
+            lines.append(f"  --ids not found in the project (or view): {shown}")
+        if self.failed:
+            lines.append("  failed:")
+            for item in self.failed[:50]:
+                lines.append(f"    task {item['task']}: {item['reason']}")
+            if len(self.failed) > 50:
+                lines.append(f"    ... and {len(self.failed) - 50} more (--summary-json FILE lists all)")
+        if self.error:
+            lines.append(f"  stopped: {self.error}")
+            lines.append(f"  {self.not_processed} tasks not processed; run the same command again to resume")
+        elif self.interrupted:
+            lines.append(f"  interrupted: {self.not_processed} tasks not processed; run the same command "
+                         f"again to resume")
+        elif self.not_processed:
+            lines.append(f"  {self.not_processed} tasks not processed (see above)")
+        return "\n".join(lines)
+
+
+def progress_bar(total: int, enabled: bool, desc: str = "prelabel"):
+    """A tqdm bar on stderr: tasks, rate, ETA, and done/skipped/failed as postfix."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="task", desc=desc, file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
+
+
+def _postfix(bar, summary: Summary) -> None:
+    bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=len(summary.failed), refresh=False)
+
+
+# ----------------------------------------------------------------------------------- local run
+class StopFlag:
+    """First SIGINT/SIGTERM: stop after the current batch. Second SIGINT: stop now
+    (KeyboardInterrupt). Installed only in the main thread; restores the old handlers."""
+
+    def __init__(self, message: Callable[[str], None] = lambda text: print(text, file=sys.stderr)):
+        self.event = threading.Event()
+        self._message = message
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.event.set()
+        self._message(f"{signal.Signals(signum).name}: stopping after the current batch "
+                      f"(Ctrl-C again to stop at once)")
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+def run_local(service: GEMService, api: LabelStudioAPI, target: Target, selection: Selection, *,
+              batch_size: int = DEFAULT_BATCH_SIZE, locks=NO_LOCKS, progress: bool = True,
+              stop: StopFlag | None = None) -> Summary:
+    """Predict and store ``selection.pending`` in batches in this process; see the module doc.
+
+    ``stop`` (a :class:`StopFlag`) is checked between batches: the batch in flight is finished
+    and stored, then the run ends with ``interrupted`` set.
+    """
+    summary = Summary(target.project, target.model_version, selected=selection.selected,
+                      skipped=selection.already, missing_ids=selection.missing_ids)
+    pending = selection.pending
+    started = time.monotonic()
+    if not pending:
+        return summary
+    service.load()
+    spec = service.project(target.label_config, target.extra_params)
+    seen = 0
+    with progress_bar(len(pending), progress) as bar:
+        def on_outcome(outcome: Outcome) -> None:
+            nonlocal seen
+            seen += 1
+            summary.add(outcome)
+            bar.update(1)
+            _postfix(bar, summary)
+
+        try:
+            for start in range(0, len(pending), batch_size):
+                if stop is not None and stop.is_set():
+                    summary.interrupted = True
+                    break
+                predict_and_store(service, api, target, pending[start:start + batch_size], locks=locks,
+                                  spec=spec, on_outcome=on_outcome)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+            bar.write("stopped during a batch: its tasks are checked again on the next run")
+        except PrelabelError as err:  # Label Studio unreachable, a lock never freed: keep what is done
+            summary.error = str(err)
+        except Exception as err:
+            import redis
+
+            if not isinstance(err, redis.RedisError):
+                raise
+            summary.error = f"Redis failed: {type(err).__name__}: {err}"
+        finally:
+            summary.seconds = time.monotonic() - started
+            # a batch cut short may have been stored or not: the next run's checks tell
+            summary.not_processed = len(pending) - seen
+    return summary
+
+
+# ----------------------------------------------------------------------------------- CLI
+def add_parsers(sub) -> None:
+    """Register ``prelabel`` and ``worker`` on the ``gem-backend`` subcommand parser."""
+    from .cli import _add_model_flags
+
+    p = sub.add_parser(
+        "prelabel", help="pre-annotate a Label Studio project through its API (resumable; --queue for workers)",
+        description="Predict the tasks of a Label Studio project and store the predictions through its API, "
+                    "in batches, skipping tasks that already hold this model_version (rerun to resume). "
+                    "Exit status: 0 all done or skipped, 1 some tasks failed, 2 error, 130 interrupted.")
+    p.add_argument("--project", type=int, help="Label Studio project id (required unless --follow)")
+    p.add_argument("--ls-url", help="Label Studio URL (default LABEL_STUDIO_URL)")
+    p.add_argument("--api-key", help="Label Studio legacy token or personal access token (default LABEL_STUDIO_API_KEY)")
+    g = p.add_argument_group("which tasks")
+    g.add_argument("--ids", help="task ids and ranges, e.g. 1,2,10-20")
+    g.add_argument("--view", type=int, help="Data Manager view (tab) id: its filters select the tasks")
+    g.add_argument("--limit", type=int, help="predict at most N tasks that still need a prediction")
+    g = p.add_argument_group("settings (default: those of the project's connected ML backend)")
+    g.add_argument("--extra-params", help="JSON object of per-project settings, instead of the ML backend's "
+                                          "extra_params, e.g. '{\"threshold\": 0.4}'")
+    g.add_argument("--ml-backend", type=int, help="ML backend id, when the project has several")
+    g.add_argument("--ignore-backend-version", action="store_true",
+                   help="store even if the ML backend reports another model_version than these settings give")
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"tasks per batch: stored together, one queue job each (default {DEFAULT_BATCH_SIZE})")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--summary-json", help="also write the summary to this file (JSON)")
+    g = p.add_argument_group("queue (needs REDIS_URL; see `gem-backend worker`)")
+    g.add_argument("--queue", nargs="?", const="gem-prelabel", metavar="NAME",
+                   help="enqueue the batches as RQ jobs on queue NAME (default gem-prelabel) instead of predicting")
+    g.add_argument("--wait", action="store_true", help="with --queue: follow the jobs with a progress bar")
+    g.add_argument("--follow", metavar="RUN", help="follow an enqueued run (its id is printed by --queue)")
+    g.add_argument("--retries", type=int, default=3, help="tries again of a failed or abandoned job (default 3)")
+    g.add_argument("--job-timeout", type=int, help="seconds per job (default 600 + 120 per task)")
+    _add_model_flags(p)
+    p.set_defaults(func=cmd_prelabel)
+
+    from .worker import add_worker_parser
+
+    add_worker_parser(sub)
+
+
+def _redis(url: str | None, what: str):
+    if not url:
+        raise PrelabelError(f"{what} needs Redis: set REDIS_URL (e.g. redis://localhost:6379/0)")
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+    try:
+        client.ping()
+    except redis.RedisError as err:
+        from .text_cache import redact_url
+
+        hint = "" if what == "--queue" or "worker" in what else " (unset REDIS_URL to run without task locks)"
+        raise PrelabelError(f"Redis at {redact_url(url)} is unreachable{hint}: {type(err).__name__}: {err}") from None
+    return client
+
+
+def cmd_prelabel(args) -> int:
+    from .cli import _settings_from_args
+
+    settings = _settings_from_args(args)
+    settings = settings.replace(label_studio_url=args.ls_url or settings.label_studio_url,
+                                label_studio_api_key=args.api_key or settings.label_studio_api_key)
+    import redis
+
+    try:
+        return _prelabel(args, settings)
+    except PrelabelError as err:
+        print(f"gem-backend prelabel: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except redis.RedisError as err:  # lost mid-run; what was stored stays, a rerun resumes
+        print(f"gem-backend prelabel: Redis failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _finish(summary: Summary, args) -> int:
+    print(summary.text(), flush=True)
+    if args.summary_json:
+        with open(args.summary_json, "w") as fh:
+            json.dump(summary.as_dict(), fh, indent=1)
+    return summary.exit_code
+
+
+def _prelabel(args, settings) -> int:
+    from .service import ModelUnavailable
+
+    if args.follow:
+        from .worker import follow_run
+
+        client = _redis(settings.redis_url, "--follow")
+        with StopFlag() as stop:
+            summary = follow_run(client, args.follow, progress=not args.no_progress, stop=stop)
+        return _finish(summary, args)
+    if args.project is None:
+        raise PrelabelError("--project ID is required")
+    if args.wait and not args.queue:
+        raise PrelabelError("--wait follows queue jobs: use it with --queue")
+    if args.batch_size < 1:
+        raise PrelabelError("--batch-size must be at least 1")
+    ids = parse_ids(args.ids) if args.ids else None
+    redis_client = _redis(settings.redis_url, "--queue" if args.queue else "prelabel") if (
+        args.queue or settings.redis_url) else None
+    service = GEMService(settings)
+    api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key,
+                         timeout=(5.0, max(60.0, settings.fetch_timeout)))
+    try:
+        target, notes = resolve_target(api, service, args.project, extra_params=args.extra_params,
+                                       ml_backend=args.ml_backend, ignore_backend_version=args.ignore_backend_version)
+        for note in notes:
+            print(note, file=sys.stderr)
+        selection = select_tasks(api, target, ids=ids, view=args.view, limit=args.limit)
+        print(f"project {target.project}: {selection.selected} tasks selected, {selection.already} already have "
+              f"model_version {target.model_version}, {len(selection.pending)} to predict", file=sys.stderr, flush=True)
+        if args.queue:
+            from .worker import enqueue_run, follow_run
+
+            run = enqueue_run(redis_client, args.queue, target, selection, batch_size=args.batch_size,
+                              retries=args.retries, job_timeout=args.job_timeout)
+            if not args.wait:
+                print(f"enqueued {len(selection.pending)} tasks in {run.jobs} jobs on queue {args.queue!r}, run {run.id}; "
+                      f"start workers with `gem-backend worker --queue {args.queue}` and follow with "
+                      f"`gem-backend prelabel --follow {run.id}`", flush=True)
+                return EXIT_OK
+            with StopFlag() as stop:
+                summary = follow_run(redis_client, run.id, progress=not args.no_progress, stop=stop)
+            return _finish(summary, args)
+        locks = TaskLocks(redis_client) if redis_client is not None else NO_LOCKS
+        with StopFlag() as stop:
+            summary = run_local(service, api, target, selection, batch_size=args.batch_size, locks=locks,
+                                progress=not args.no_progress, stop=stop)
+        return _finish(summary, args)
+    except ModelUnavailable as err:
+        raise PrelabelError(str(err)) from None
+    finally:
+        api.close()
+
+
+__all__ = ["LabelStudioAPI", "LabelStudioError", "PrelabelError", "TaskLocks", "NO_LOCKS", "Target", "Outcome",
+           "Selection", "Summary", "StopFlag", "resolve_target", "select_tasks", "predict_and_store", "run_local",
+           "parse_ids", "add_parsers", "cmd_prelabel"]

@@ -1,0 +1,387 @@
+"""Queue mode of bulk pre-labeling: task batches as RQ jobs, run by ``gem-backend worker``.
+
+    gem-backend prelabel --project 3 --queue [NAME] [--wait]   # enqueue (and follow)
+    gem-backend worker [--queue NAME]                           # any number, anywhere
+
+A worker is a process with the model loaded once, taking jobs from the queue (default
+``gem-prelabel``) on the Redis of ``REDIS_URL`` (the same Redis holds the text-embedding
+cache). It needs to reach Label Studio (``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``) and must
+run with the same ``GEM_*`` settings as the backend: a job carries the run's ``model_version``
+and a worker whose settings give another one fails the job's tasks instead of storing them.
+
+One job = one batch (:func:`run_batch`), with a ``Retry(max=N)`` of RQ:
+
+- a job that raises (Label Studio or Redis down) is put back on the queue, up to N times;
+- a worker that dies (killed, OOM, machine lost) stops refreshing its job's entry in the
+  queue's ``StartedJobRegistry``; ``abandon_after`` seconds after its last heartbeat the entry
+  expires and the next registry cleanup (every live worker runs one every
+  ``maintenance_interval`` seconds) hands the job to RQ's abandoned-job handling, which puts
+  it back on the queue while it has retries left, else moves it to the failed registry;
+- a job run twice stores nothing twice: tasks are checked before predicting and again under a
+  per-task Redis lock right before storing (see :mod:`gem_backend.prelabel`).
+
+Redis keys of a run (all expire after 7 days; ``<run>`` is ``<project>-<date>-<time>-<hex>``):
+
+- ``gem:prelabel:run:<run>``: hash ``project, model_version, queue, selected, already, tasks,
+  jobs, created`` (unix time);
+- ``gem:prelabel:run:<run>:jobs``: hash job id -> comma-separated task ids;
+- ``gem:prelabel:run:<run>:tasks``: hash task id -> ``"<status>\\t<reason>"``, status ``done``,
+  ``skipped`` or ``failed``; a ``done`` is never overwritten (a retried job finds the task
+  stored and would report it skipped);
+- ``gem:prelabel:run:<run>:counts``: hash ``done``, ``skipped``, ``failed`` -> counts of the above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .prelabel import (EXIT_ERROR, LabelStudioAPI, Outcome, PrelabelError, Selection, StopFlag, Summary, Target,
+                       TaskLocks, _postfix, _redis, predict_and_store, progress_bar)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE = "gem-prelabel"
+RUN_TTL_S = 7 * 24 * 3600
+_TERMINAL = {"finished", "failed", "stopped", "canceled"}
+
+_RECORD = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local was = false
+if old then was = string.match(old, '^[^\\t]*') end
+if was == 'done' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\t' .. ARGV[3])
+if was then redis.call('HINCRBY', KEYS[2], was, -1) end
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+
+class RunKeys:
+    """Redis key names of one run (see the module doc)."""
+
+    def __init__(self, run: str):
+        self.run = run
+        self.meta = f"gem:prelabel:run:{run}"
+        self.jobs = self.meta + ":jobs"
+        self.tasks = self.meta + ":tasks"
+        self.counts = self.meta + ":counts"
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    queue: str
+    jobs: int
+    tasks: int
+
+
+def _serializer():
+    from rq.serializers import JSONSerializer
+
+    return JSONSerializer  # job data stays readable and a worker never unpickles what Redis holds
+
+
+def _queue(redis_client, name: str):
+    from rq import Queue
+
+    return Queue(name, connection=redis_client, serializer=_serializer())
+
+
+def record_outcome(redis_client, run: str, outcome: Outcome) -> None:
+    """Record one task's outcome in the run's hashes (atomically, a ``done`` is kept)."""
+    keys = RunKeys(run)
+    redis_client.eval(_RECORD, 2, keys.tasks, keys.counts, str(outcome.task), outcome.status,
+                      outcome.reason.replace("\t", " "), RUN_TTL_S)
+
+
+# ----------------------------------------------------------------------------------- enqueue
+def enqueue_run(redis_client, queue_name: str, target: Target, selection: Selection, *, batch_size: int,
+                retries: int = 3, job_timeout: int | None = None) -> Run:
+    """Enqueue ``selection.pending`` as jobs of ``batch_size`` tasks; returns the run."""
+    from rq import Queue, Retry
+
+    run_id = f"{target.project}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    keys = RunKeys(run_id)
+    batches = [selection.pending[i:i + batch_size] for i in range(0, len(selection.pending), batch_size)]
+    job_ids = [f"gem-prelabel-{run_id}-{i:06d}" for i in range(len(batches))]  # RQ: letters, digits, - and _ only
+    with redis_client.pipeline() as pipe:
+        pipe.hset(keys.meta, mapping={
+            "project": target.project, "model_version": target.model_version, "queue": queue_name,
+            "selected": selection.selected, "already": selection.already, "tasks": len(selection.pending),
+            "jobs": len(batches), "created": time.time()})
+        if batches:
+            pipe.hset(keys.jobs, mapping={jid: ",".join(str(t["id"]) for t in batch)
+                                          for jid, batch in zip(job_ids, batches)})
+        for key in (keys.meta, keys.jobs):
+            pipe.expire(key, RUN_TTL_S)
+        pipe.execute()
+    queue = _queue(redis_client, queue_name)
+    timeout = job_timeout or 600 + 120 * batch_size
+    datas = [Queue.prepare_data(
+        "gem_backend.worker.run_batch",
+        kwargs={"run": run_id, "target": target.as_dict(), "tasks": batch},
+        job_id=jid, timeout=timeout, result_ttl=RUN_TTL_S, failure_ttl=RUN_TTL_S,
+        retry=Retry(max=retries) if retries > 0 else None,
+        description=f"prelabel project {target.project} run {run_id} batch {i + 1}/{len(batches)}")
+        for i, (jid, batch) in enumerate(zip(job_ids, batches))]
+    for start in range(0, len(datas), 500):
+        queue.enqueue_many(datas[start:start + 500])
+    return Run(run_id, queue_name, len(batches), len(selection.pending))
+
+
+# ----------------------------------------------------------------------------------- follow
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _last_line(text: str | None) -> str:
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no error recorded"
+
+
+def follow_run(redis_client, run_id: str, *, progress: bool = True, stop: StopFlag | None = None,
+               poll: float = 0.5, jobs_every: float = 2.0) -> Summary:
+    """Follow a run until all its jobs have ended (or ``stop``); returns its summary.
+
+    Progress comes from the run's counts; every ``jobs_every`` seconds the states of the jobs
+    not yet ended are read (only read: re-queueing a dead worker's job is the workers' part).
+    Tasks of a job that failed for good and that no try reported are recorded as failed with
+    the job's last error.
+    """
+    from rq.job import Job
+
+    keys = RunKeys(run_id)
+    meta = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.meta).items()}
+    if not meta:
+        raise PrelabelError(f"no run {run_id!r} in this Redis (runs are kept 7 days; same REDIS_URL?)")
+    total = _int(meta.get("tasks"))
+    summary = Summary(_int(meta.get("project")), meta.get("model_version", ""), selected=_int(meta.get("selected")),
+                      run=run_id, queue=meta.get("queue"))
+    already = _int(meta.get("already"))
+    job_tasks = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.jobs).items()}
+    open_jobs = set(job_tasks)
+    failed_jobs: dict[str, str] = {}
+    last_check = 0.0
+
+    def counts() -> dict[str, int]:
+        return {k.decode(): _int(v) for k, v in redis_client.hgetall(keys.counts).items()}
+
+    with progress_bar(total, progress, desc=f"run {run_id}") as bar:
+        while True:
+            c = counts()
+            seen = c.get("done", 0) + c.get("skipped", 0) + c.get("failed", 0)
+            summary.done, summary.skipped = c.get("done", 0), already + c.get("skipped", 0)
+            summary.failed = [None] * c.get("failed", 0)  # for the postfix; the reasons are read at the end
+            bar.update(seen - bar.n)
+            _postfix(bar, summary)
+            if not open_jobs:
+                break
+            if time.monotonic() - last_check >= jobs_every or seen >= total:
+                last_check = time.monotonic()
+                ids = sorted(open_jobs)
+                for jid, job in zip(ids, Job.fetch_many(ids, connection=redis_client, serializer=_serializer())):
+                    status = job.get_status(refresh=False) if job is not None else "gone"
+                    status = getattr(status, "value", status)
+                    if job is None or status in _TERMINAL:
+                        open_jobs.discard(jid)
+                        if status != "finished":
+                            result = job.latest_result() if job is not None else None
+                            failed_jobs[jid] = (f"job {jid} {status}: "
+                                                + _last_line(getattr(result, "exc_string", None)))
+                if not open_jobs:
+                    continue  # one more count read, then out
+            if stop is not None and stop.is_set():
+                summary.interrupted = True
+                break
+            time.sleep(poll)
+    # tasks of jobs that ended without reporting them (failed for good, expired)
+    for jid, reason in failed_jobs.items():
+        for task in (int(t) for t in job_tasks.get(jid, "").split(",") if t):
+            if not redis_client.hexists(keys.tasks, task):
+                record_outcome(redis_client, run_id, Outcome(task, "failed", reason))
+    c = counts()
+    summary.done, summary.skipped = c.get("done", 0), already + c.get("skipped", 0)
+    summary.failed = []
+    for task, value in redis_client.hscan_iter(keys.tasks):
+        status, _, reason = value.decode().partition("\t")
+        if status == "failed":
+            summary.failed.append({"task": int(task), "reason": reason})
+    summary.failed.sort(key=lambda item: item["task"])
+    summary.not_processed = max(0, total - c.get("done", 0) - c.get("skipped", 0) - c.get("failed", 0))
+    created = float(meta.get("created") or time.time())
+    summary.seconds = time.time() - created
+    if summary.interrupted:
+        print(f"stopped following; the jobs go on: `gem-backend prelabel --follow {run_id}`", file=sys.stderr)
+    return summary
+
+
+# ----------------------------------------------------------------------------------- the job
+_state: dict[str, Any] = {}
+_state_lock = threading.Lock()
+
+
+def _process_state() -> tuple[Any, LabelStudioAPI]:
+    """This process's service and Label Studio client: set by ``gem-backend worker``, or built
+    from the environment on first use (a plain ``rq worker`` also works)."""
+    with _state_lock:
+        if "service" not in _state:
+            from .service import GEMService
+            from .settings import Settings
+
+            settings = Settings.from_env()
+            _state["service"] = GEMService(settings)
+            _state["api"] = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key,
+                                           timeout=(5.0, max(60.0, settings.fetch_timeout)))
+        return _state["service"], _state["api"]
+
+
+def run_batch(run: str, target: Mapping, tasks: list[dict]) -> dict:
+    """RQ job: predict and store one batch of a run; records each task's outcome.
+
+    ``target``: :meth:`Target.as_dict`; ``tasks``: ``[{"id": int, "data": {...}}]``.
+    Returns ``{"done": n, "skipped": n, "failed": n}``. Raises (so RQ retries the job) when
+    Label Studio or Redis is unusable or the model cannot load.
+    """
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is not None:
+        connection = job.connection
+    else:  # called directly (tests, debugging)
+        from .settings import Settings
+
+        connection = _redis(Settings.from_env().redis_url, "run_batch")
+    service, api = _process_state()
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+
+    def on_outcome(outcome: Outcome) -> None:
+        counts[outcome.status] += 1
+        record_outcome(connection, run, outcome)
+
+    predict_and_store(service, api, Target.from_dict(target), tasks, locks=TaskLocks(connection),
+                      on_outcome=on_outcome)
+    return counts
+
+
+# ----------------------------------------------------------------------------------- the worker
+def _worker_class():
+    from rq.worker import SimpleWorker, WorkerStatus
+
+    class PrelabelWorker(SimpleWorker):
+        """An RQ worker that runs jobs in its own process (the model stays loaded between jobs)
+        and refreshes the job's heartbeat from a thread while it runs.
+
+        RQ's forking worker heartbeats from the parent while a child runs the job; a
+        :class:`SimpleWorker` heartbeats only between jobs, so a long job would look abandoned,
+        or (with a long ttl) a killed worker's job would wait that long. Here the job's entry in
+        the ``StartedJobRegistry`` lives ``abandon_after`` seconds and is refreshed every
+        ``heartbeat_interval`` seconds; an idle worker wakes up every ``maintenance_interval``
+        seconds to clean the registries (RQ's default waits for jobs up to 6.5 minutes).
+        """
+
+        def __init__(self, *args, heartbeat_interval: float = 10.0, abandon_after: int = 60, **kwargs):
+            super().__init__(*args, **kwargs)
+            if abandon_after <= heartbeat_interval * 2:
+                raise ValueError("abandon_after must exceed two heartbeat intervals")
+            self.heartbeat_interval = heartbeat_interval
+            self.abandon_after = int(abandon_after)
+
+        def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
+            return self.abandon_after
+
+        @property
+        def dequeue_timeout(self) -> int:
+            return max(1, int(self.maintenance_interval))
+
+        def execute_job(self, job, queue):
+            execution = self.prepare_execution(job)
+            done = threading.Event()
+            beat = threading.Thread(target=self._beat, args=(job, execution, done), name="rq-heartbeat", daemon=True)
+            beat.start()
+            try:
+                self.perform_job(job, queue, execution)
+            finally:
+                done.set()
+                beat.join(timeout=10)
+            self.set_state(WorkerStatus.IDLE)
+
+        def _beat(self, job, execution, done: threading.Event) -> None:
+            while not done.wait(self.heartbeat_interval):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception as err:  # a missed beat is survivable; the next one may work
+                    self.log.warning("heartbeat of job %s failed: %s: %s", job.id, type(err).__name__, err)
+
+    return PrelabelWorker
+
+
+def add_worker_parser(sub) -> None:
+    from .cli import _add_model_flags
+
+    p = sub.add_parser(
+        "worker", help="run queued pre-labeling jobs (RQ worker; needs REDIS_URL)",
+        description="Take the batches enqueued by `gem-backend prelabel --queue` from Redis (REDIS_URL), predict "
+                    "them and store the predictions in Label Studio (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY). "
+                    "Run as many as you like, on any machines; use the backend's GEM_* settings. "
+                    "SIGTERM/SIGINT: stop after the current job.")
+    p.add_argument("--queue", action="append", metavar="NAME",
+                   help=f"queue to take jobs from; repeatable (default {DEFAULT_QUEUE})")
+    p.add_argument("--ls-url", help="Label Studio URL (default LABEL_STUDIO_URL)")
+    p.add_argument("--api-key", help="Label Studio key (default LABEL_STUDIO_API_KEY)")
+    p.add_argument("--name", help="worker name (default: random)")
+    p.add_argument("--burst", action="store_true", help="quit when the queues are empty")
+    p.add_argument("--max-jobs", type=int, help="quit after this many jobs")
+    p.add_argument("--heartbeat-interval", type=float, default=10.0,
+                   help="seconds between heartbeats of the running job (default 10)")
+    p.add_argument("--abandon-after", type=int, default=60,
+                   help="a job whose worker sent no heartbeat for this many seconds is run again (default 60)")
+    p.add_argument("--maintenance-interval", type=int, default=30,
+                   help="seconds between this worker's cleanups of the queue registries, which re-queue "
+                        "abandoned jobs (default 30)")
+    _add_model_flags(p)
+    p.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .cli import _settings_from_args
+    from .service import GEMService, ModelUnavailable
+
+    settings = _settings_from_args(args)
+    settings = settings.replace(label_studio_url=args.ls_url or settings.label_studio_url,
+                                label_studio_api_key=args.api_key or settings.label_studio_api_key)
+    try:
+        client = _redis(settings.redis_url, "gem-backend worker")
+        api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key,
+                             timeout=(5.0, max(60.0, settings.fetch_timeout)))
+        service = GEMService(settings)
+        service.load()  # fail now, not in every job; jobs then only predict
+        worker_class = _worker_class()
+        queues = [_queue(client, name) for name in (args.queue or [DEFAULT_QUEUE])]
+        worker = worker_class(queues, connection=client, serializer=_serializer(), name=args.name,
+                              maintenance_interval=args.maintenance_interval,
+                              heartbeat_interval=args.heartbeat_interval, abandon_after=args.abandon_after)
+    except (PrelabelError, ModelUnavailable, ValueError) as err:
+        print(f"gem-backend worker: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    with _state_lock:
+        _state.update(service=service, api=api)
+    log.info("worker %s on queues %s, model_version %s (without extra_params)", worker.name,
+             ", ".join(q.name for q in queues), settings.model_version())
+    worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level)
+    return 0
+
+
+__all__ = ["DEFAULT_QUEUE", "Run", "RunKeys", "enqueue_run", "follow_run", "record_outcome", "run_batch",
+           "add_worker_parser", "cmd_worker"]
