@@ -52,7 +52,7 @@ from .settings import SettingsError, parse_extra_params
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 500
 LOCK_TTL_S = 120        # > connect + read timeout of one store request, so a live holder never loses it
 LOCK_WAIT_S = 150       # > LOCK_TTL_S: a lock left by a killed process has expired by then
 _LOCK_PREFIX = "gem:prelabel:lock:"
@@ -158,7 +158,7 @@ class LabelStudioAPI:
         (``fields=task_only``), with its data as stored (``resolve_uri=false``), as Label Studio
         sends tasks to ``/predict``.
         """
-        page = 1
+        page, seen = 1, 0
         while True:
             params: dict[str, Any] = {"project": project, "page": page, "page_size": page_size,
                                       "fields": "task_only", "resolve_uri": "false"}
@@ -174,7 +174,10 @@ class LabelStudioAPI:
                 raise
             tasks = (body or {}).get("tasks") or []
             yield from tasks
-            if len(tasks) < page_size:
+            seen += len(tasks)
+            total = (body or {}).get("total")
+            # "total" counts the selection; an instance may cap page_size (TASK_API_PAGE_SIZE_MAX)
+            if not tasks or (seen >= total if isinstance(total, int) else len(tasks) < page_size):
                 return
             page += 1
 
@@ -187,7 +190,7 @@ class LabelStudioAPI:
         query = {"filters": {"conjunction": "and", "items": [{
             "filter": "filter:tasks:predictions_model_versions", "operator": "contains",
             "type": "List", "value": [model_version]}]}}
-        return {int(t["id"]) for t in self.iter_tasks(project, query=query, page_size=500)}
+        return {int(t["id"]) for t in self.iter_tasks(project, query=query)}
 
     def task_predictions(self, task: int) -> list[dict]:
         body = self.request("GET", "/api/predictions", params={"task": task})

@@ -336,6 +336,12 @@ def test_single_process_prelabels_every_task_once_and_rerun_stores_nothing(label
     assert "0 done, 32 skipped" in capsys.readouterr().out
     _assert_one_each(ls, pid, version, tasks)
 
+    from gem_backend.prelabel import LabelStudioAPI
+
+    api = LabelStudioAPI(ls.url, TOKEN)  # pagination: 7 pages of 5
+    assert [t["id"] for t in api.iter_tasks(pid, page_size=5)] == tasks
+    assert api.task_ids_with_version(pid, version) == set(tasks)
+
 
 def test_settings_other_than_the_backends_are_refused(label_studio, connected_backend, monkeypatch, capsys):
     ls = label_studio
@@ -351,7 +357,7 @@ def test_settings_other_than_the_backends_are_refused(label_studio, connected_ba
     assert rc == 0, capsys.readouterr()
 
 
-def test_limit_and_ids(label_studio, monkeypatch, tmp_path):
+def test_limit_ids_and_view(label_studio, monkeypatch, tmp_path):
     ls = label_studio
     pid, tasks = ls.project(6)
     from gem_backend.settings import Settings
@@ -375,8 +381,14 @@ def test_limit_and_ids(label_studio, monkeypatch, tmp_path):
     assert (second["done"], second["skipped"], second["selected"], second["missing_ids"]) == (2, 1, 3, [999999])
     assert sorted(t for t, v in ls.versions(pid).items() if v) == sorted(tasks[:2] + tasks[4:])
 
-    third = run()
-    assert (third["done"], third["skipped"]) == (2, 4)
+    view = ls.req("POST", "/api/dm/views", json={"project": pid, "data": {"title": "middle", "filters": {
+        "conjunction": "and", "items": [{"filter": "filter:tasks:id", "operator": "in", "type": "Number",
+                                         "value": {"min": tasks[1], "max": tasks[3]}}]}}})
+    third = run("--view", str(view["id"]))
+    assert (third["done"], third["skipped"], third["selected"]) == (2, 1, 3)
+
+    fourth = run()
+    assert (fourth["done"], fourth["skipped"]) == (0, 6)
     _assert_one_each(ls, pid, version, tasks)
 
 
