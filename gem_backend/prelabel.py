@@ -319,6 +319,10 @@ def resolve_target(api: LabelStudioAPI, service: GEMService, project: int, *,
     info = api.project(project)
     label_config = info.get("label_config") or ""
     notes: list[str] = []
+    if info.get("evaluate_predictions_automatically"):
+        # the Data Manager list then asks the backend for every listed task without a prediction
+        notes.append(f"note: project {project} retrieves predictions automatically when tasks are listed; "
+                     f"turn that off during a bulk run, or listing waits for the backend")
     backend = None
     backends = api.ml_backends(project)
     if ml_backend is not None:
