@@ -386,6 +386,20 @@ def original_size(image: Image.Image) -> tuple[int, int]:
     return tuple(image.info.get(ORIGINAL_SIZE_KEY, image.size))
 
 
+def _pillow_limit_at_least(max_pixels: int) -> None:
+    """Pillow refuses images over 2 x ``Image.MAX_IMAGE_PIXELS`` (179 MP) by itself: raise its
+    limit to ours, so that ``max_pixels`` (``GEM_MAX_IMAGE_PIXELS``) is the one that decides."""
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and current < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _bomb(source: str, exc: Exception, max_pixels: int) -> ImageError:
+    claimed = re.search(r"\((\d+) pixels\)", str(exc))
+    return ImageError(f"image too large: {source} claims {claimed.group(1) if claimed else 'too many'} pixels, "
+                      f"the limit is {max_pixels} (a decompression bomb?)")
+
+
 def _decode(data: bytes, source: str, max_pixels: int, content_type: str | None = None,
             min_size: int | None = None) -> Image.Image:
     """Bytes -> oriented RGB image, refusing oversized images before their pixels decode.
@@ -397,11 +411,12 @@ def _decode(data: bytes, source: str, max_pixels: int, content_type: str | None 
     ctype = f"content-type {content_type!r}" if content_type else "no content-type"
     if not data:
         raise ImageError(f"not an image: {source} gave an empty body ({ctype})")
+    _pillow_limit_at_least(max_pixels)
     try:
         # Image.open only parses the header: the size is known, the pixels are not decoded
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large: {source}: {exc}") from None
+        raise _bomb(source, exc, max_pixels) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise ImageError(
             f"not an image: {source} gave {len(data)} bytes of {_sniff(data)} ({ctype})"
@@ -419,7 +434,7 @@ def _decode(data: bytes, source: str, max_pixels: int, content_type: str | None 
     try:
         image.load()
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large: {source}: {exc}") from None
+        raise _bomb(source, exc, max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(
             f"cannot decode {image.format or 'image'} from {source} ({len(data)} bytes, {ctype}): {exc}"

@@ -28,6 +28,10 @@ from PIL import Image
 
 from .gem import DEFAULT_TEMPLATES
 
+# prompts whose maps are upsampled to the model input at once in GEMPredictor.predict: bounds
+# the decision's memory at ~3 x 32 x H_in x W_in floats (150 MB at 448 x 896) for any label count
+DECISION_CHUNK = 32
+
 DEFAULT_BACKGROUND_PROMPTS: tuple[str, ...] = ("background", "wall", "floor", "ground", "sky", "texture")
 
 
@@ -236,9 +240,7 @@ class GEMPredictor:
         emb = embedding or self._require_embedding()
         if not labels:
             return Segmentation([], np.zeros(emb.original_size, np.uint16), {}, {})
-        probs = self.probabilities(labels, emb)
-        winner = probs.argmax(axis=0)
-        best = probs.max(axis=0)
+        winner, best = self._decide(labels, emb)
         n = len(labels)
         small = np.where((winner < n) & (best >= self.settings.threshold), winner + 1, 0).astype(np.uint16)
 
@@ -257,6 +259,32 @@ class GEMPredictor:
             areas[label] = float(area)
         label_map = _resize_nearest(small, emb.original_size)
         return Segmentation(labels, label_map, scores, areas, input_map=small, confidence=best)
+
+    def _decide(self, labels: Sequence[str], emb: ImageEmbedding) -> tuple[np.ndarray, np.ndarray]:
+        """``(winner, best)`` at the model input size: index of the most probable prompt and its
+        probability. Up to ``DECISION_CHUNK`` prompts this is :meth:`probabilities`; past that
+        the prompts are upsampled ``DECISION_CHUNK`` at a time with a running softmax (max,
+        rescaled sum, first argmax), so 1000 labels need the memory of 32, not 1000 full maps."""
+        prompts = list(labels) + self._background_for(labels)
+        if len(prompts) <= DECISION_CHUNK:
+            probs = self.probabilities(labels, emb)
+            return probs.argmax(axis=0), probs.max(axis=0)
+        text = torch.from_numpy(self.encode_text(prompts))
+        sim = (emb.patches @ text.t()).t().reshape(1, len(prompts), *emb.grid)
+        top = total = winner = None
+        for start in range(0, len(prompts), DECISION_CHUNK):
+            chunk = F.interpolate(sim[:, start:start + DECISION_CHUNK], size=emb.input_size, mode="bilinear",
+                                  align_corners=False)[0].mul_(self.settings.logit_scale)
+            c_top, c_arg = chunk.amax(dim=0), chunk.argmax(dim=0)
+            if top is None:
+                top, winner = c_top, c_arg
+                total = chunk.sub_(top).exp_().sum(dim=0)
+                continue
+            new_top = torch.maximum(top, c_top)
+            total = total * (top - new_top).exp_() + chunk.sub_(new_top).exp_().sum(dim=0)
+            winner = torch.where(c_top > top, c_arg + start, winner)  # ties keep the earlier prompt
+            top = new_top
+        return winner.numpy(), total.reciprocal_().numpy()  # the winner's exp(0) / sum
 
     def segment(self, image: np.ndarray, labels: Sequence[str]) -> Segmentation:
         """``set_image`` then ``predict``."""
