@@ -9,6 +9,10 @@ Sections:
 - ``e2e``: one ``/predict``-equivalent task on a 12-megapixel JPEG with 20 labels, split
   into decode / resize / forward / post-process / RLE;
 - ``rle``: ``gem_backend.brush.mask2rle`` vs ``label_studio_sdk``'s on 12-megapixel masks;
+- ``click``: an annotator's smart-tool click on a 12-megapixel JPEG through
+  :meth:`GEMService.predict_tasks` (``params.context``), first click (image features not
+  cached: decode + image tower) vs repeated clicks on the same image (features from the
+  cache: fetch + hash, label maps, the clicked part, full-size mask, RLE);
 - ``limit``: forward FLOPs and measured matmul throughput per dtype (the physical floor);
 - ``reference`` (with ``--reference VENV``): the official package timed in its own
   environment by ``../shared/bench/time_reference.py``, and the ratio ours / reference.
@@ -163,6 +167,59 @@ def bench_e2e(loaded, labels: int = 20, runs: int = 2) -> dict:
                 non_forward_over_forward=other / med["forward"], peak_rss_mb=peak_rss_mb())
 
 
+def bench_click(loaded, labels: int = 10, runs: int = 3, clicks: int = 5) -> dict:
+    """First vs repeated interactive click on a 12 MP JPEG, as ``/predict`` answers it."""
+    import base64
+
+    from .service import GEMService
+    from .settings import Settings
+
+    data = _synthetic_photo()
+    names = [f"label {i}" for i in range(labels)]
+    label_xml = "".join(f'<Label value="{n}"/>' for n in names)
+    config = (f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{label_xml}'
+              f'</BrushLabels><KeyPointLabels name="kp" toName="image" smart="true">{label_xml}'
+              f'</KeyPointLabels></View>')
+    settings = Settings(model=loaded.model_name, pretrained="none", device=str(loaded.device),
+                        precision=str(loaded.dtype).replace("torch.", ""))
+    service = GEMService(settings, loaded=loaded)
+    spec = service.project(config)
+    task = {"id": 1, "data": {"image": "data:image/jpeg;base64," + base64.b64encode(data).decode()}}
+    rng = np.random.default_rng(0)
+
+    def click() -> dict:
+        x, y = rng.uniform(5, 95, size=2)
+        ctx = {"result": [{"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": True,
+                           "value": {"x": float(x), "y": float(y), "width": 1.0,
+                                     "keypointlabels": [names[int(rng.integers(labels))]]}}]}
+        return service.predict_tasks([task], None, spec=spec, context=ctx)[0]
+
+    service.encode_text(names + list(spec.segmentation.background_prompts), spec.segmentation.templates)  # warm text
+    # a server that has answered before: one forward of this size done (on another image)
+    other = {"id": 0, "data": {"image": "data:image/jpeg;base64," + base64.b64encode(_synthetic_photo(seed=1)).decode()}}
+    service.predict_tasks([other], None, spec=spec)
+    registry = service.metrics.registry
+    forward_before = registry.get_sample_value("gem_model_forward_seconds_sum") or 0.0
+    first = []
+    for _ in range(runs):
+        service.image_cache.clear_local()
+        started = time.perf_counter()
+        pred = click()
+        first.append(time.perf_counter() - started)
+    forward_s = ((registry.get_sample_value("gem_model_forward_seconds_sum") or 0.0) - forward_before) / runs
+    repeat = []
+    for _ in range(clicks):
+        started = time.perf_counter()
+        pred = click()
+        repeat.append(time.perf_counter() - started)
+    stats = service.image_cache.stats
+    first_s, repeat_s = statistics.median(first), statistics.median(repeat)
+    return dict(bench="click", image="4000x3000 JPEG", labels=labels, first_click_s=first_s,
+                first_click_forward_s=forward_s, repeated_click_s=repeat_s, repeated_over_first=repeat_s / first_s,
+                image_tower_calls=int(stats["misses"]), cache_hits=int(stats["local_hits"]),
+                regions=len(pred["result"]), threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb())
+
+
 def bench_rle(runs: int = 3) -> list[dict]:
     from label_studio_sdk.converter.brush import mask2rle as sdk_mask2rle
 
@@ -255,6 +312,8 @@ def run(args) -> list[dict]:
                 emit(bench_e2e(loaded, labels=20))
             if "limit" in sections:
                 emit(bench_limit(loaded, args.size))
+            if "click" in sections:
+                emit(bench_click(loaded, runs=args.runs))
     if "rle" in sections:
         for rec in bench_rle():
             emit(rec)
@@ -290,7 +349,7 @@ def add_parser(sub) -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--sections", default="forward,text,e2e,rle,limit")
+    p.add_argument("--sections", default="forward,text,e2e,rle,limit,click")
     p.add_argument("--reference", metavar="VENV", help="also time the official package in this venv")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the table")
     p.set_defaults(func=cmd_bench)

@@ -83,3 +83,22 @@ def test_round_trip_real_photo_with_own_config(tmp_path):
     out = _run_e2e(tmp_path, "--config", str(config), "--image", str(photo))
     _stored(out)
     assert VOC_MINI.exists()
+
+
+def test_round_trip_interactive_smart_tools_and_polygons(tmp_path):
+    """BrushLabels + smart KeyPointLabels + PolygonLabels: "Retrieve predictions" stores brush
+    masks and polygons, and the smart-tool call (/api/ml/{id}/interactive-annotating, a
+    positive "cat" keypoint) gets one brush mask back."""
+    config = tmp_path / "config.xml"
+    config.write_text(
+        '<View>\n  <Image name="image" value="$image"/>\n'
+        '  <BrushLabels name="tag" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels>\n'
+        '  <KeyPointLabels name="kp" toName="image" smart="true">'
+        '<Label value="cat" smart="true"/><Label value="dog" smart="true"/></KeyPointLabels>\n'
+        '  <PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="dog"/></PolygonLabels>\n'
+        '</View>\n')
+    out = _run_e2e(tmp_path, "--config", str(config), "--interactive", "--expect-type", "polygonlabels")
+    stored = next(ln for ln in out.splitlines() if "prediction_stored:" in ln)
+    assert "types=['brushlabels', 'polygonlabels']" in stored, stored
+    interactive = next(ln for ln in out.splitlines() if "interactive_ok:" in ln)
+    assert "types=['brushlabels']" in interactive, interactive
