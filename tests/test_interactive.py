@@ -498,3 +498,51 @@ def test_polygon_tolerance_and_min_area(tmp_path, loaded, photo_uri):
     default = settings.model_version()
     assert settings.model_version(settings.segmentation_for({"polygon_tolerance": 0.25})) == default
     assert settings.model_version(settings.segmentation_for({"polygon_tolerance": 1})) != default
+
+
+# --------------------------------------------------------------------------- config parsing
+
+
+def test_parse_labeling_config_finds_every_control():
+    from gem_backend.labelstudio import (BrushTarget, ChoicesTarget, LabelConfigError, PolygonTarget,
+                                         RectangleTarget, TextPromptTarget, parse_label_config,
+                                         parse_labeling_config)
+
+    sam = parse_labeling_config(SAM_CONFIG)
+    assert [type(t) for t in sam.targets] == [BrushTarget, PolygonTarget]     # the smart box is a tool
+    assert sam.smart_tools == ("kp", "box")
+    assert parse_label_config(SAM_CONFIG) == [sam.targets[0]]                 # the BrushLabels-only view
+    text = parse_labeling_config(TEXT_CONFIG)
+    assert text.text_prompts == (TextPromptTarget("prompt", "image", "image"),)
+    shapes = parse_labeling_config(SHAPES_CONFIG)
+    assert [type(t) for t in shapes.targets] == [PolygonTarget, RectangleTarget, ChoicesTarget, ChoicesTarget]
+    assert [getattr(t, "multiple", None) for t in shapes.targets] == [None, None, False, True]
+    skipped = SHAPES_CONFIG.replace('<PolygonLabels name="poly"', '<PolygonLabels model_skip="true" name="poly"')
+    assert [t.from_name for t in parse_labeling_config(skipped).targets] == ["rect", "one", "many"]
+    smart_label = ('<View><Image name="image" value="$image"/><RectangleLabels name="r" toName="image">'
+                   '<Label value="cat" smart="true"/></RectangleLabels></View>')
+    with pytest.raises(LabelConfigError, match=r"nothing gem-backend can predict.*<PolygonLabels>.*"
+                                                r"found: RectangleLabels->image \(smart tool\)"):
+        parse_labeling_config(smart_label)
+    with pytest.raises(LabelConfigError, match="no <BrushLabels> control"):
+        parse_label_config(SHAPES_CONFIG)
+
+
+def test_click_on_a_polygon_only_project_returns_polygons(tmp_path, loaded, photo_uri):
+    config = SHAPES_CONFIG.replace('<Choices name="one"', '<KeyPointLabels name="kp" toName="image" smart="true">'
+                                   '<Label value="cat"/><Label value="dog"/></KeyPointLabels><Choices name="one"')
+    client = make_app(make_settings(tmp_path), loaded)[0].test_client()
+    ref = Reference(loaded, tmp_path, photo_uri)
+    x, y = point_where(ref.probs.argmax(axis=0) == 1)
+    pred = post(client, interactive_body(photo_uri, [click(x, y, "dog", from_name="kp")], config=config))
+    assert pred["result"] and {r["type"] for r in pred["result"]} == {"polygonlabels"}
+    assert all(r["from_name"] == "poly" and r["value"]["polygonlabels"] == ["dog"] for r in pred["result"])
+    h, w = ref.grid
+    painted = np.zeros((h, w), bool)
+    for region in pred["result"]:
+        painted |= rasterize(np.asarray(region["value"]["points"]) * [w / 100, h / 100], (h, w))
+    expected = ref.component(1, x, y)
+    # simplified outline (0.25 % of the longer side): the same part up to a pixel along its edge
+    assert (painted ^ expected).sum() <= 0.05 * expected.sum() + 2 * (h + w)
+    assert painted[ref.cell(x, y)]
+    validate(config, pred)
