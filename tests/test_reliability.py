@@ -410,7 +410,7 @@ def test_decision_over_many_prompts_in_chunks_equals_the_full_softmax(loaded):  
         predictor = GEMPredictor(loaded, SegmentationSettings(input_size=64, threshold=threshold, min_area=0))
         embedding = predictor.set_image(image)
         probs = predictor.probabilities(labels, embedding)
-        winner, best = predictor._decide(labels, embedding)
+        winner, best = predictor._decide(labels, embedding)[:2]
         np.testing.assert_array_equal(winner, probs.argmax(axis=0))
         np.testing.assert_allclose(best, probs.max(axis=0), rtol=1e-5, atol=1e-6)
         assert best.dtype == np.float32 and winner.shape == probs.shape[1:]
