@@ -17,6 +17,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .learn import Learner
 from .service import GEMService, ModelUnavailable, RequestError
 from .settings import Settings, SettingsError, parse_extra_params
 
@@ -114,9 +115,11 @@ def create_app(settings: Settings | None = None, service: GEMService | None = No
     settings = settings or Settings.from_env()
     service = service or GEMService(settings)
     params = ProjectParams(settings)
+    learner = Learner(service, params.get)
     app = Flask("gem_backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["gem_service"] = service
+    app.extensions["gem_learner"] = learner
     metrics = service.metrics
 
     def authorized() -> bool:
@@ -185,7 +188,7 @@ def create_app(settings: Settings | None = None, service: GEMService | None = No
             extra_dict = parse_extra_params(extra)
         except SettingsError as err:
             raise RequestError(str(err)) from None
-        spec = service.project(body.get("schema") or body.get("label_config"), extra_dict)
+        spec = service.project(body.get("schema") or body.get("label_config"), extra_dict, project=body.get("project"))
         params.set(body.get("project"), extra_dict)
         return jsonify(model_version=spec.model_version)
 
@@ -197,7 +200,7 @@ def create_app(settings: Settings | None = None, service: GEMService | None = No
         extra = body.get("extra_params")
         if extra is None:
             extra = params.get(body.get("project"))
-        spec = service.project(body.get("label_config") or body.get("schema"), extra)
+        spec = service.project(body.get("label_config") or body.get("schema"), extra, project=body.get("project"))
         # smart tools (interactive pre-annotation) send what the annotator drew in params.context
         params_body = body.get("params")
         context = params_body.get("context") if isinstance(params_body, dict) else None
@@ -207,10 +210,12 @@ def create_app(settings: Settings | None = None, service: GEMService | None = No
 
     @app.post("/webhook")
     def webhook():
+        # Label Studio waits 1 s at most: annotation events are queued and handled after the answer
         body = _parsed_json() or {}
         action = body.get("action") if isinstance(body, dict) else None
-        log.debug("webhook %s", action)
-        return jsonify(status="ok", action=action)
+        queued = learner.submit(body)
+        log.debug("webhook %s: %s", action, queued)
+        return jsonify(status="ok", action=action, prototypes=queued)
 
     @app.get("/versions")
     def versions():

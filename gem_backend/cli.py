@@ -148,7 +148,7 @@ def cmd_predict(args) -> int:
             regions.append(brush_region(mask, label, target, seg.scores[label]))
         overlay(image, seg.label_map, labels, seg.present).save(f"{stem}_overlay.png")
         written.append(f"{stem}_overlay.png")
-        result = prediction(regions, version, score=seg.score)
+        result = prediction(regions, version, score=seg.task_score(settings.segmentation.score))
         Path(f"{stem}_prediction.json").write_text(json.dumps(result))
         written.append(f"{stem}_prediction.json")
         found = ", ".join(f"{k} {seg.areas[k]:.0%} ({seg.scores[k]:.2f})" for k in seg.present) or "nothing"
@@ -234,6 +234,16 @@ def _add_eval_parser(sub) -> None:
     k.add_argument("--class-names", metavar="FILE", help="one line per class, synonyms separated by commas")
     k.add_argument("--oi-score", choices=OI_SCORES, help="OpenImages point score (default minmax)")
     k.add_argument("--oi-threshold", type=float, help="OpenImages: positive above this score (default 0.5)")
+    a = p.add_argument_group("active-learning loop (instead of the plain evaluation; see EVALUATION.md)")
+    a.add_argument("--active-learning", nargs="?", const="1,2,4,8", metavar="K,K,...",
+                   help="for each k: accept the ground truth of the first k images as annotations, learn the "
+                        "class prototypes from them, and report mIoU on the other images with text only and "
+                        "with prototypes (default k: 1,2,4,8)")
+    a.add_argument("--prototype-strength", type=float,
+                   help="blend strength s in a = s * n / (n + n_min) (GEM_PROTOTYPE_STRENGTH, default 0.5)")
+    a.add_argument("--prototype-min-annotations", type=int,
+                   help="n_min: images holding a class before its prototype is used "
+                        "(GEM_PROTOTYPE_MIN_ANNOTATIONS, default 2)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -241,7 +251,7 @@ def cmd_eval(args) -> int:
     import dataclasses
 
     from .datasets import DatasetError, read_class_names
-    from .evaluation import EvalConfig, EvalError, protocol_for, run_evaluation
+    from .evaluation import EvalConfig, EvalError, protocol_for, run_active_learning, run_evaluation
     from .models import ModelLoadError, load_gem_model
     from .settings import Settings, SettingsError, parse_templates
 
@@ -261,6 +271,15 @@ def cmd_eval(args) -> int:
         if changes.get("crop") and "stride" not in changes and not protocol.stride:
             changes["stride"] = changes["crop"] // 2
         protocol = dataclasses.replace(protocol, **changes)
+        ks = None
+        if args.active_learning is not None:
+            ks = [int(k) for k in args.active_learning.replace(" ", "").split(",") if k]
+            strength = (args.prototype_strength if args.prototype_strength is not None
+                        else env.segmentation.prototype_strength)
+            min_annotations = (args.prototype_min_annotations if args.prototype_min_annotations is not None
+                               else env.segmentation.prototype_min_annotations)
+            if not 0.0 <= strength <= 1.0 or min_annotations < 1:
+                raise ValueError("--prototype-strength must be in [0, 1] and --prototype-min-annotations >= 1")
     except (ValueError, SettingsError, OSError) as err:
         print(f"gem-backend eval: {err}", file=sys.stderr)
         return 2
@@ -279,7 +298,10 @@ def cmd_eval(args) -> int:
                      save_predictions=args.save_predictions, limit=args.limit, overwrite=args.overwrite,
                      progress=not args.no_progress, batch_size=args.batch_size)
     try:
-        run_evaluation(cfg, loaded)
+        if ks is not None:
+            run_active_learning(cfg, loaded, ks, strength=strength, min_annotations=min_annotations)
+        else:
+            run_evaluation(cfg, loaded)
     except (EvalError, DatasetError) as err:
         print(f"gem-backend eval: {err}", file=sys.stderr)
         return 2
@@ -313,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .prelabel import add_parsers as add_prelabel
 
     add_prelabel(sub)  # prelabel, worker
+
+    from .learn import add_parser as add_learn
+
+    add_learn(sub)
 
     from .bench import add_parser as add_bench
 

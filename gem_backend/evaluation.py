@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Protocol", "PROTOCOLS", "protocol_for", "EvalError", "confusion_matrix", "segmentation_metrics",
            "point_metrics", "sliding_windows", "resized_size", "decide", "point_scores", "Segmenter",
-           "EvalConfig", "run_evaluation", "results_markdown", "is_untrained", "GEM_TEMPLATE"]
+           "EvalConfig", "run_evaluation", "results_markdown", "is_untrained", "GEM_TEMPLATE", "run_active_learning",
+           "active_learning_markdown", "AL_KS"]
 
 GEM_TEMPLATE = "a photo of a {}."
 PROTOCOLS = ("gem", "sclip", "clearclip")
@@ -454,6 +455,23 @@ class Segmenter:
                 count[:, y1:y2, x1:x2] += 1
             return preds / count
 
+    def features(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``([h*w, D] float32 L2-normalised patch tokens on the CPU, (h, w))`` of one pass over
+        the whole resized image: what :meth:`maps` multiplies with the text for a protocol
+        without sliding windows. Raises :class:`EvalError` for a sliding window or an input
+        that would need padding."""
+        if self.protocol.crop > 0:
+            raise EvalError("this needs one pass per image: use a protocol without sliding windows (--crop 0)")
+        with torch.inference_mode():
+            x = self.prepare(image)
+            h, w = x.shape[-2:]
+            if any(_centre_pad(h, w, self.patch)):
+                raise EvalError(f"the resized image {w}x{h} is not a multiple of the {self.patch} px patch: "
+                                "use --resize square (the gem protocol)")
+            feat_gem, feat_ori = self.gem.encode_image(x[None])
+            feat = feat_gem if self.method == "gem" else feat_ori
+            return F.normalize(feat[0, 1:].float(), dim=-1).cpu(), self.gem.grid_for(h, w)
+
     def logits(self, image: np.ndarray, text: torch.Tensor) -> torch.Tensor:
         """``[Q, H, W]`` float32 similarity maps at the image's own size."""
         m = self.maps(image, text)
@@ -749,3 +767,134 @@ def _write_results(cfg: EvalConfig, results: dict, echo) -> None:
     (out / "results.md").write_text(md)
     echo(md)
     echo(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+# ---------------------------------------------------------------------------------- active learning
+AL_KS = (1, 2, 4, 8)
+
+
+def run_active_learning(cfg: EvalConfig, loaded, ks: Sequence[int] = AL_KS, strength: float = 0.5,
+                        min_annotations: int = 3, echo: Callable[[str], None] = print) -> dict:
+    """Simulate the active-learning loop of the backend on a dataset (see EVALUATION.md).
+
+    For each ``k`` of ``ks``: the ground truth of the first ``k`` images (the reader's order,
+    after ``cfg.limit``) is "accepted" as annotations: per class, the sum of the GEM patch tokens
+    inside its mask (:func:`gem_backend.prototypes.contribution_from_masks`, the code the
+    webhook uses) goes into a prototype store; then the remaining images are predicted twice
+    with the protocol's decision: from the text embeddings alone ("before") and with every
+    class name's embedding blended with its class prototype, ``normalise((1 - a) * t + a * p)``,
+    ``a = strength * n / (n + min_annotations)`` for classes in at least ``min_annotations`` of
+    the accepted images ("after"). mIoU of both over the same remaining images.
+
+    Needs a one-pass protocol (``crop`` 0, sides multiple of the patch: ``--resize square``).
+    Writes ``active_learning.json`` and ``active_learning.md`` to ``cfg.out_dir``.
+    """
+    from .prototypes import MemoryPrototypeStore, active_prototypes, contribution_from_masks
+    from .segmentation import ImageEmbedding, SegmentationSettings, blend_prototypes
+
+    spec = get_dataset(cfg.dataset)
+    if spec.kind == "points":
+        raise EvalError("the active-learning loop needs dense ground truth, not point labels")
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise EvalError("--active-learning takes k >= 1 (images accepted before predicting the rest)")
+    seg = SegmentationSettings(prototypes=True, prototype_strength=strength, prototype_min_annotations=min_annotations)
+    p = cfg.protocol
+    prompts = p.prompts or spec.prompts
+    if len(prompts) != len(spec.classes):
+        raise EvalError(f"{len(prompts)} prompt sets given for the {len(spec.classes)} classes of {spec.name}")
+    samples = spec.samples(cfg.root)
+    if cfg.limit is not None:
+        samples = samples[: cfg.limit]
+    if len(samples) <= ks[-1]:
+        raise EvalError(f"{len(samples)} images: the loop needs more than k = {ks[-1]} (some to accept, "
+                        f"some to predict)")
+    untrained = is_untrained(loaded)
+    if untrained:
+        echo("note: the model has random (untrained) weights: these numbers only show what the loop does")
+    segmenter = Segmenter(loaded, p, cfg.method, cfg.batch_size)
+    names = [n for group in prompts for n in group]
+    query_class = torch.tensor([c for c, group in enumerate(prompts) for _ in group], dtype=torch.long)
+    num_classes = len(spec.classes)
+    text = segmenter.encode(names).float().cpu()
+    started = time.monotonic()
+    items = []  # (tokens, grid, gt)
+    for s in _progress(samples, len(samples), cfg, spec):
+        image = load_image(s.image_path)
+        gt = s.load_label()
+        if gt.shape != image.shape[:2]:
+            raise EvalError(f"{s.name}: image {image.shape[:2]} and label {gt.shape} differ in size")
+        tokens, grid = segmenter.features(image)
+        items.append((tokens, grid, gt))
+
+    def predict(i: int, emb: torch.Tensor) -> np.ndarray:
+        tokens, grid, gt = items[i]
+        sim = (tokens @ emb.t()).t().reshape(1, emb.shape[0], *grid)
+        logits = F.interpolate(sim, size=gt.shape, mode="bilinear", align_corners=False)[0]
+        pred = decide(logits, query_class, num_classes, p.logit_scale, p.prob_thd, p.area_thd, spec.background)
+        return confusion_matrix(pred.numpy().astype(np.uint8), gt, num_classes)
+
+    before = [predict(i, text) for i in range(len(items))]
+    rows = []
+    for k in ks:
+        store = MemoryPrototypeStore()
+        for i in range(k):
+            tokens, grid, gt = items[i]
+            emb = ImageEmbedding(patches=tokens, grid=grid, input_size=(0, 0), original_size=gt.shape)
+            masks = {str(c): gt == c for c in np.unique(gt) if c != IGNORE}
+            store.put("eval", i, contribution_from_masks(emb, masks, background=False))
+        totals = store.totals("eval")
+        active = active_prototypes(totals, seg)
+        by_query = {str(q): active[str(c)] for q, c in enumerate(query_class.tolist()) if str(c) in active}
+        blended = torch.from_numpy(blend_prototypes(text.numpy(), [str(q) for q in range(len(names))], by_query))
+        cm_before = sum(before[k:])
+        cm_after = sum(predict(i, blended) for i in range(k, len(items)))
+        m_before, m_after = segmentation_metrics(cm_before), segmentation_metrics(cm_after)
+        rows.append(dict(k=k, predicted=len(items) - k, mIoU_before=_pct(m_before["mIoU"]),
+                         mIoU_after=_pct(m_after["mIoU"]), aAcc_before=_pct(m_before["aAcc"]),
+                         aAcc_after=_pct(m_after["aAcc"]),
+                         classes_with_prototypes=sorted(spec.classes[int(c)] for c in active),
+                         annotations_per_class={spec.classes[int(c)]: t.annotations for c, t in sorted(
+                             totals.items(), key=lambda kv: int(kv[0]))}))
+        r = rows[-1]
+        echo(f"k={k}: mIoU {_fmt(r['mIoU_before'])} -> {_fmt(r['mIoU_after'])} on the other {r['predicted']} images "
+             f"({len(active)} classes with prototypes)")
+    results = dict(
+        dataset=spec.name, title=spec.title, root=str(cfg.root), protocol=p.name, method=cfg.method,
+        model=loaded.model_name, pretrained=loaded.pretrained, weights_id=loaded.weights_id,
+        dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device), random_weights=untrained,
+        images=len(items), limit=cfg.limit, seconds=round(time.monotonic() - started, 2),
+        prototype_strength=strength, prototype_min_annotations=min_annotations, settings=p.describe(),
+        blend="class embedding = normalise((1 - a) * text + a * prototype), a = strength * n / (n + n_min) "
+              "for n >= n_min accepted images holding the class, else 0",
+        rows=rows)
+    if untrained:
+        results["warning"] = "random (untrained) weights: only the difference before/after is of interest"
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "active_learning.json").write_text(json.dumps(results, indent=1))
+    md = active_learning_markdown(results)
+    (out / "active_learning.md").write_text(md)
+    echo(md)
+    echo(f"wrote {out / 'active_learning.json'} and {out / 'active_learning.md'}")
+    return results
+
+
+def active_learning_markdown(results: dict) -> str:
+    """The loop's results as a markdown table."""
+    r = results
+    lines = [f"# Active-learning loop on {r['title']}: {r['method']}, `{r['protocol']}` protocol", ""]
+    if r.get("random_weights"):
+        lines += ["> **Random weights**: absolute numbers mean nothing; the loop's effect is the difference.", ""]
+    lines += [f"Model `{r['model']}`, weights `{r['weights_id']}` ({r['dtype']}), {r['images']} images; "
+              f"prototype strength {r['prototype_strength']}, min annotations {r['prototype_min_annotations']}.", "",
+              "| k accepted | images predicted | mIoU text only | mIoU with prototypes | change "
+              "| classes with prototypes |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        before, after = row["mIoU_before"], row["mIoU_after"]
+        delta = None if before is None or after is None else after - before
+        lines.append(f"| {row['k']} | {row['predicted']} | {_fmt(row['mIoU_before'])} | {_fmt(row['mIoU_after'])} | "
+                     f"{'n/a' if delta is None else f'{delta:+.2f}'} | {len(row['classes_with_prototypes'])} |")
+    lines += ["", f"Blend: {r['blend']}.", ""]
+    return "\n".join(lines)

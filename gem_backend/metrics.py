@@ -29,6 +29,9 @@ class Metrics:
         self.predictions = Counter("gem_predictions", "Task predictions returned", registry=r)
         self.model_load_seconds = Gauge("gem_model_load_seconds", "Time the model took to load", registry=r)
         self.model_loaded = Gauge("gem_model_loaded", "1 when the model is loaded", registry=r)
+        self.prototype_events = Counter("gem_prototype_events", "Annotation webhooks handled for prototypes, by "
+                                        "result (learnt, removed, skipped, off, failed, dropped)", ["result"],
+                                        registry=r)
 
     def render(self) -> bytes:
         """Prometheus text exposition of every metric."""

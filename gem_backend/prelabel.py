@@ -347,7 +347,7 @@ def resolve_target(api: LabelStudioAPI, service: GEMService, project: int, *,
         raw = extra_params
     try:
         params = parse_extra_params(raw)
-        spec = service.project(label_config, params)
+        spec = service.project(label_config, params, project=project)
     except (SettingsError, RequestError) as err:
         raise PrelabelError(f"project {project}: {err}") from None
     reported = (backend or {}).get("model_version") or ""
@@ -359,6 +359,12 @@ def resolve_target(api: LabelStudioAPI, service: GEMService, project: int, *,
             raise PrelabelError(message)
         notes.append("warning: " + message.split(": run prelabel")[0])
     return Target(int(project), label_config, params, spec.model_version), notes
+
+
+def _base_version(version: str) -> str:
+    """A model_version without the prototype digest (``-p`` + 6 hex digits) that projects with
+    prototypes on get."""
+    return re.sub(r"-p[0-9a-f]{6}$", "", version)
 
 
 # ----------------------------------------------------------------------------------- selection
@@ -447,7 +453,7 @@ def predict_and_store(service: GEMService, api: LabelStudioAPI, target: Target, 
     Raises :class:`PrelabelError` (Label Studio or Redis unusable) and
     :class:`~gem_backend.service.ModelUnavailable`; per-task problems are outcomes.
     """
-    spec = spec or service.project(target.label_config, target.extra_params)
+    spec = spec or service.project(target.label_config, target.extra_params, project=target.project)
     outcomes: dict[int, Outcome] = {}
 
     def record(outcome: Outcome) -> None:
@@ -456,10 +462,13 @@ def predict_and_store(service: GEMService, api: LabelStudioAPI, target: Target, 
             on_outcome(outcome)
 
     if spec.model_version != target.model_version:
+        why = ("the project's prototypes changed since the run started (new annotations): run prelabel again"
+               if _base_version(spec.model_version) == _base_version(target.model_version)
+               else "start it with the same GEM_* settings")
         for task in tasks:
             record(Outcome(int(task["id"]), "failed",
                            f"this process's settings give model_version {spec.model_version!r}, the run "
-                           f"uses {target.model_version!r}: start it with the same GEM_* settings"))
+                           f"uses {target.model_version!r}: {why}"))
         return [outcomes[int(t["id"])] for t in tasks]
     ready: list[tuple[int, dict]] = []
     for task in tasks:
@@ -652,7 +661,7 @@ def run_local(service: GEMService, api: LabelStudioAPI, target: Target, selectio
     if not pending:
         return summary
     service.load()
-    spec = service.project(target.label_config, target.extra_params)
+    spec = service.project(target.label_config, target.extra_params, project=target.project)
     seen = 0
     with progress_bar(len(pending), progress) as bar:
         def on_outcome(outcome: Outcome) -> None:

@@ -19,7 +19,7 @@ The reference's per-label min-max normalisation is not used: it stretches every 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,12 @@ from .gem import DEFAULT_TEMPLATES
 DECISION_CHUNK = 32
 
 DEFAULT_BACKGROUND_PROMPTS: tuple[str, ...] = ("background", "wall", "floor", "ground", "sky", "texture")
+
+# task-level score kinds (SegmentationSettings.score): see Segmentation.task_score
+SCORE_KINDS: tuple[str, ...] = ("mean_prob", "margin")
+# key of the background prototype in a prompt -> prototype mapping (see blend_prototypes): it is
+# blended into every background prompt
+BACKGROUND_KEY = "__background__"
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,15 @@ class SegmentationSettings:
         templates: prompt templates; several give the usual CLIP ensemble.
         polygon_tolerance: how far (in percent of the image's longer side) a simplified
             polygon may stray from the mask's outline; 0 keeps every pixel corner.
+        score: what a prediction's task-level ``score`` is: ``mean_prob`` (area-weighted
+            mean winning probability of its regions) or ``margin`` (area-weighted mean, over
+            the predicted regions, of the per-pixel margin between the best and the
+            second-best prompt's probability): low = uncertain.
+        prototypes: blend each label's text embedding with the visual prototype learnt from
+            the project's annotations (:mod:`gem_backend.prototypes`).
+        prototype_strength: ``s`` of the blend weight ``a = s * n / (n + n_min)``.
+        prototype_min_annotations: ``n_min``: a label's prototype is used once at least this
+            many annotations hold the label.
     """
 
     input_size: int = 448
@@ -64,6 +79,10 @@ class SegmentationSettings:
     min_area: float = 0.001
     templates: tuple[str, ...] = field(default=DEFAULT_TEMPLATES)
     polygon_tolerance: float = 0.25
+    score: str = "mean_prob"
+    prototypes: bool = False
+    prototype_strength: float = 0.5
+    prototype_min_annotations: int = 2
 
     def __post_init__(self):
         if self.input_size < 16:
@@ -80,6 +99,12 @@ class SegmentationSettings:
             raise ValueError("templates must be non-empty and each contain '{}'")
         if not 0.0 <= self.polygon_tolerance <= 10.0:
             raise ValueError(f"polygon_tolerance must be in [0, 10], got {self.polygon_tolerance}")
+        if self.score not in SCORE_KINDS:
+            raise ValueError(f"score must be one of {', '.join(SCORE_KINDS)}, got {self.score!r}")
+        if not 0.0 <= self.prototype_strength <= 1.0:
+            raise ValueError(f"prototype_strength must be in [0, 1], got {self.prototype_strength}")
+        if self.prototype_min_annotations < 1:
+            raise ValueError(f"prototype_min_annotations must be >= 1, got {self.prototype_min_annotations}")
 
 
 def model_input_size(height: int, width: int, settings: SegmentationSettings,
@@ -108,6 +133,9 @@ class Segmentation:
         input_map: the same decision at the model input size ``[H_in, W_in]`` (``label_map``
             is its nearest-neighbour upsampling); region geometry works on it.
         confidence: ``[H_in, W_in]`` float32 winning probability per pixel.
+        margin: ``[H_in, W_in]`` float32 per pixel: winning probability minus the second
+            best prompt's (labels and background prompts); 1 with a single prompt.
+        margins: per present label, the mean ``margin`` inside its mask, in [0, 1].
     """
 
     labels: list[str]
@@ -116,6 +144,8 @@ class Segmentation:
     areas: dict[str, float]
     input_map: np.ndarray | None = None
     confidence: np.ndarray | None = None
+    margin: np.ndarray | None = None
+    margins: dict[str, float] = field(default_factory=dict)
 
     @property
     def present(self) -> list[str]:
@@ -133,6 +163,18 @@ class Segmentation:
             return 0.0
         total = sum(self.areas[k] for k in self.scores)
         return float(sum(self.scores[k] * self.areas[k] for k in self.scores) / max(total, 1e-12))
+
+    def task_score(self, kind: str = "mean_prob") -> float:
+        """Image-level score of ``kind`` (:data:`SCORE_KINDS`): ``mean_prob`` is :attr:`score`;
+        ``margin`` is the area-weighted mean of :attr:`margins` (0 if nothing found)."""
+        if kind == "mean_prob":
+            return self.score
+        if kind != "margin":
+            raise ValueError(f"score kind must be one of {', '.join(SCORE_KINDS)}, got {kind!r}")
+        if not self.margins:
+            return 0.0
+        total = sum(self.areas[k] for k in self.margins)
+        return float(sum(self.margins[k] * self.areas[k] for k in self.margins) / max(total, 1e-12))
 
 
 @dataclass
@@ -212,25 +254,43 @@ class GEMPredictor:
         return self.embedding
 
     # ------------------------------------------------------------------ decision
-    def probabilities(self, labels: Sequence[str], embedding: ImageEmbedding | None = None) -> np.ndarray:
+    def prompt_embeddings(self, labels: Sequence[str], prototypes: Mapping[str, tuple] | None = None) -> torch.Tensor:
+        """``[C + K, D]`` float32 class embeddings of the ``C`` labels then the ``K`` background
+        prompts in use: the text embeddings, blended with ``prototypes`` (``{prompt:
+        (unit vector [D], weight a)}``, :data:`BACKGROUND_KEY` for the background prompts) by
+        :func:`blend_prototypes`."""
+        background = self._background_for(labels)
+        prompts = list(labels) + background
+        text = self.encode_text(prompts)
+        if prototypes:
+            text = blend_prototypes(text, prompts, prototypes, background)
+        return torch.from_numpy(np.ascontiguousarray(text, dtype=np.float32))
+
+    def probabilities(self, labels: Sequence[str], embedding: ImageEmbedding | None = None,
+                      prototypes: Mapping[str, tuple] | None = None) -> np.ndarray:
         """Per-pixel probabilities at the model input size.
 
+        Args:
+            prototypes: optional visual prototypes blended into the prompts' embeddings
+                (:meth:`prompt_embeddings`).
         Returns:
             ``[C + K, H_in, W_in]`` float32: ``softmax(logit_scale * cosine)`` over the ``C``
             labels then the ``K`` background prompts in use (``K = 0`` with threshold 0).
         """
         emb = embedding or self._require_embedding()
-        prompts = list(labels) + self._background_for(labels)
-        text = torch.from_numpy(self.encode_text(prompts))
-        sim = (emb.patches @ text.t()).t().reshape(1, len(prompts), *emb.grid)
+        text = self.prompt_embeddings(labels, prototypes)
+        sim = (emb.patches @ text.t()).t().reshape(1, text.shape[0], *emb.grid)
         sim = F.interpolate(sim, size=emb.input_size, mode="bilinear", align_corners=False)[0]
         return torch.softmax(sim * self.settings.logit_scale, dim=0).numpy()
 
-    def predict(self, labels: Sequence[str], embedding: ImageEmbedding | None = None) -> Segmentation:
+    def predict(self, labels: Sequence[str], embedding: ImageEmbedding | None = None,
+                prototypes: Mapping[str, tuple] | None = None) -> Segmentation:
         """Masks of ``labels`` on the image given to :meth:`set_image`.
 
         Args:
             labels: ``C`` label prompts (distinct).
+            prototypes: optional ``{prompt: (unit vector, weight)}`` blended into the text
+                embeddings (:func:`blend_prototypes`).
         Returns:
             a :class:`Segmentation` at the original image size.
         """
@@ -240,7 +300,8 @@ class GEMPredictor:
         emb = embedding or self._require_embedding()
         if not labels:
             return Segmentation([], np.zeros(emb.original_size, np.uint16), {}, {})
-        winner, best = self._decide(labels, emb)
+        winner, best, second = self._decide(labels, emb, prototypes)
+        margin = best - second
         n = len(labels)
         small = np.where((winner < n) & (best >= self.settings.threshold), winner + 1, 0).astype(np.uint16)
 
@@ -248,6 +309,8 @@ class GEMPredictor:
         total = small.size
         counts = np.bincount(small.ravel(), minlength=n + 1)
         sums = np.bincount(small.ravel(), weights=best.ravel(), minlength=n + 1)
+        margin_sums = np.bincount(small.ravel(), weights=margin.ravel(), minlength=n + 1)
+        margins = {}
         for i, label in enumerate(labels, start=1):
             area = counts[i] / total
             if counts[i] == 0:
@@ -256,35 +319,49 @@ class GEMPredictor:
                 small[small == i] = 0  # too small to trust: background
                 continue
             scores[label] = float(sums[i] / counts[i])
+            margins[label] = float(margin_sums[i] / counts[i])
             areas[label] = float(area)
         label_map = _resize_nearest(small, emb.original_size)
-        return Segmentation(labels, label_map, scores, areas, input_map=small, confidence=best)
+        return Segmentation(labels, label_map, scores, areas, input_map=small, confidence=best, margin=margin,
+                            margins=margins)
 
-    def _decide(self, labels: Sequence[str], emb: ImageEmbedding) -> tuple[np.ndarray, np.ndarray]:
-        """``(winner, best)`` at the model input size: index of the most probable prompt and its
-        probability. Up to ``DECISION_CHUNK`` prompts this is :meth:`probabilities`; past that
-        the prompts are upsampled ``DECISION_CHUNK`` at a time with a running softmax (max,
+    def _decide(self, labels: Sequence[str], emb: ImageEmbedding,
+                prototypes: Mapping[str, tuple] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(winner, best, second)`` at the model input size: index of the most probable prompt,
+        its probability and the second highest probability (0 with one prompt). Up to
+        ``DECISION_CHUNK`` prompts this is :meth:`probabilities`; past that the prompts are
+        upsampled ``DECISION_CHUNK`` at a time with a running softmax (max, second max,
         rescaled sum, first argmax), so 1000 labels need the memory of 32, not 1000 full maps."""
-        prompts = list(labels) + self._background_for(labels)
-        if len(prompts) <= DECISION_CHUNK:
-            probs = self.probabilities(labels, emb)
-            return probs.argmax(axis=0), probs.max(axis=0)
-        text = torch.from_numpy(self.encode_text(prompts))
-        sim = (emb.patches @ text.t()).t().reshape(1, len(prompts), *emb.grid)
-        top = total = winner = None
-        for start in range(0, len(prompts), DECISION_CHUNK):
+        n_prompts = len(labels) + len(self._background_for(labels))
+        if n_prompts <= DECISION_CHUNK:
+            probs = self.probabilities(labels, emb, prototypes)
+            second = (np.partition(probs, -2, axis=0)[-2] if n_prompts > 1
+                      else np.zeros(probs.shape[1:], probs.dtype))
+            return probs.argmax(axis=0), probs.max(axis=0), second
+        text = self.prompt_embeddings(labels, prototypes)
+        sim = (emb.patches @ text.t()).t().reshape(1, n_prompts, *emb.grid)
+        top = top2 = total = winner = None
+        for start in range(0, n_prompts, DECISION_CHUNK):
             chunk = F.interpolate(sim[:, start:start + DECISION_CHUNK], size=emb.input_size, mode="bilinear",
                                   align_corners=False)[0].mul_(self.settings.logit_scale)
-            c_top, c_arg = chunk.amax(dim=0), chunk.argmax(dim=0)
+            if chunk.shape[0] > 1:
+                pair = chunk.topk(2, dim=0).values
+                c_top, c_top2 = pair[0], pair[1]
+            else:
+                c_top, c_top2 = chunk[0].clone(), torch.full_like(chunk[0], float("-inf"))
+            c_arg = chunk.argmax(dim=0)
             if top is None:
-                top, winner = c_top, c_arg
+                top, top2, winner = c_top, c_top2, c_arg
                 total = chunk.sub_(top).exp_().sum(dim=0)
                 continue
             new_top = torch.maximum(top, c_top)
+            top2 = torch.maximum(torch.minimum(top, c_top), torch.maximum(top2, c_top2))
             total = total * (top - new_top).exp_() + chunk.sub_(new_top).exp_().sum(dim=0)
             winner = torch.where(c_top > top, c_arg + start, winner)  # ties keep the earlier prompt
             top = new_top
-        return winner.numpy(), total.reciprocal_().numpy()  # the winner's exp(0) / sum
+        inv = total.reciprocal_()
+        # the winner's exp(0) / sum, and the runner-up's exp(top2 - top) / sum
+        return winner.numpy(), inv.numpy(), ((top2 - top).exp_() * inv).numpy()
 
     def segment(self, image: np.ndarray, labels: Sequence[str]) -> Segmentation:
         """``set_image`` then ``predict``."""
@@ -302,6 +379,45 @@ class GEMPredictor:
         if self.embedding is None:
             raise RuntimeError("call set_image() before predict()")
         return self.embedding
+
+
+def blend_prototypes(text: np.ndarray, prompts: Sequence[str], prototypes: Mapping[str, tuple],
+                     background: Sequence[str] = ()) -> np.ndarray:
+    """Class embeddings from text embeddings and visual prototypes.
+
+    For each prompt with a prototype ``p`` (unit vector) and weight ``a`` in (0, 1]::
+
+        c = normalise((1 - a) * t + a * p)
+
+    where ``t`` is its L2-normalised text embedding; the other rows are returned as they are.
+    The prompts in ``background`` take the prototype under :data:`BACKGROUND_KEY`.
+
+    Args:
+        text: ``[P, D]`` float32 text embeddings of ``prompts``.
+        prompts: the ``P`` prompts.
+        prototypes: ``{prompt: (vector [D], a)}``.
+        background: the prompts that are background prompts.
+    Returns:
+        ``[P, D]`` float32, a new array.
+    """
+    out = np.array(text, dtype=np.float32, copy=True)
+    bg = set(background)
+    for i, prompt in enumerate(prompts):
+        item = prototypes.get(BACKGROUND_KEY if prompt in bg else prompt)
+        if item is None:
+            continue
+        vector, a = item
+        a = float(a)
+        if a <= 0.0:
+            continue
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != out[i].shape:
+            raise ValueError(f"prototype of {prompt!r} has shape {vector.shape}, the text embedding {out[i].shape}")
+        mixed = (1.0 - a) * out[i] + a * vector
+        norm = float(np.linalg.norm(mixed))
+        if norm > 1e-12:
+            out[i] = mixed / norm
+    return out
 
 
 def _resize_nearest(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:

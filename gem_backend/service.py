@@ -8,11 +8,12 @@ the same ``model_version``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -25,7 +26,8 @@ from .labelstudio import (BrushTarget, ChoicesTarget, LabelConfigError, LabelTar
                           polygon_region, prediction, rectangle_region)
 from .metrics import Metrics
 from .regions import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
-from .segmentation import GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings, _resize_nearest
+from .segmentation import (BACKGROUND_KEY, GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings,
+                           _resize_nearest)
 from .settings import Settings, SettingsError
 from .text_cache import TextEmbeddingCache
 
@@ -47,12 +49,19 @@ class ModelUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class ProjectSpec:
     """What one project asks for: its output targets (brush, polygon, rectangle, choices),
-    settings, model version, and the TextAreas whose text is a prompt."""
+    settings, model version, and the TextAreas whose text is a prompt.
+
+    With prototypes on (``segmentation.prototypes``) and a ``project`` id, ``prototypes``
+    holds the project's active visual prototypes (``{label: (unit vector, weight a)}``,
+    :mod:`gem_backend.prototypes`) and ``model_version`` ends in ``-p<digest>`` of their
+    coarse state."""
 
     targets: tuple[LabelTarget, ...]
     segmentation: SegmentationSettings
     model_version: str
     text_prompts: tuple[TextPromptTarget, ...] = ()
+    project: str = ""
+    prototypes: Mapping[str, tuple] | None = field(default=None, compare=False, repr=False)
 
 
 class GEMService:
@@ -86,6 +95,8 @@ class GEMService:
         self._specs: dict[tuple[str, str], ProjectSpec] = {}
         self._caches_lock = threading.Lock()
         self._image_cache: EmbeddingCache | None = None
+        self._prototype_store = None
+        self._store_warned = 0.0
 
     # ------------------------------------------------------------------ model
     @property
@@ -143,8 +154,12 @@ class GEMService:
         return self._loaded
 
     # ------------------------------------------------------------------ project spec
-    def project(self, label_config: str | None, extra_params: Any = None) -> ProjectSpec:
+    def project(self, label_config: str | None, extra_params: Any = None, project: Any = None) -> ProjectSpec:
         """Parse a project's label config and extra params; no model needed.
+
+        ``project``: the Label Studio project id (``"3"`` or Label Studio's ``"3.1716..."``);
+        with prototypes on, the project's active prototypes and their digest in the
+        ``model_version`` come with the spec (:meth:`with_prototypes`).
 
         Raises:
             RequestError: missing/invalid config or params, with a message for the admin.
@@ -168,7 +183,61 @@ class GEMService:
                 if len(self._specs) >= 256:  # projects x param sets: a handful in practice
                     self._specs.clear()
                 self._specs[key] = spec
-        return spec
+        return self.with_prototypes(spec, project) if project not in (None, "") else spec
+
+    # ------------------------------------------------------------------ prototypes
+    @property
+    def prototype_store(self):
+        """The per-project prototype store (Redis with ``REDIS_URL``, else files)."""
+        with self._caches_lock:
+            if self._prototype_store is None:
+                from .prototypes import open_store
+
+                self._prototype_store = open_store(self.settings)
+            return self._prototype_store
+
+    def with_prototypes(self, spec: ProjectSpec, project: Any) -> ProjectSpec:
+        """``spec`` for ``project``: with prototypes on, its active prototypes (labels of the
+        config and the background) and ``model_version + "-p" + digest`` once any is active.
+        A store that cannot be read gives text-only predictions (a warning every 30 s)."""
+        from .prototypes import _project_key, active_prototypes, prototype_digest
+
+        try:
+            pid = _project_key(project)
+        except ValueError:
+            return spec
+        if not spec.segmentation.prototypes:
+            return dataclasses.replace(spec, project=pid)
+        try:
+            totals = self.prototype_store.totals(pid)
+        except Exception as err:  # noqa: BLE001 - Redis down, unreadable file: never fail a prediction
+            now = time.monotonic()
+            if now - self._store_warned > 30.0:
+                self._store_warned = now
+                log.warning("project %s: prototypes unavailable (%s: %s); predicting from text only",
+                            pid, type(err).__name__, err)
+            return dataclasses.replace(spec, project=pid)
+        labels = {label for target in spec.targets for label in target.labels}
+        active = active_prototypes(totals, spec.segmentation, labels)
+        if spec.segmentation.threshold <= 0:
+            active.pop(BACKGROUND_KEY, None)  # no background prompts to blend it into
+        digest = prototype_digest(totals, active)
+        version = f"{spec.model_version}-p{digest}" if digest else spec.model_version
+        return dataclasses.replace(spec, project=pid, prototypes=active or None, model_version=version)
+
+    @staticmethod
+    def prompt_prototypes(spec: ProjectSpec, pairs: Sequence[tuple[str, str]]) -> dict[str, tuple] | None:
+        """``{prompt: (vector, a)}`` for a control's ``(label, prompt)`` pairs (a prompt shared by
+        several labels takes the first one's prototype), plus the background's."""
+        if not spec.prototypes:
+            return None
+        out: dict[str, tuple] = {}
+        for label, prompt in pairs:
+            if prompt not in out and label in spec.prototypes:
+                out[prompt] = spec.prototypes[label]
+        if BACKGROUND_KEY in spec.prototypes:
+            out[BACKGROUND_KEY] = spec.prototypes[BACKGROUND_KEY]
+        return out or None
 
     # ------------------------------------------------------------------ text
     def _cache(self, templates: tuple[str, ...]) -> TextEmbeddingCache:
@@ -316,6 +385,7 @@ class GEMService:
         texts = self.text_prompts(task, spec, ctx)
         regions: list[dict] = []
         areas: list[float] = []
+        margins: list[float] = []
         embeddings: dict[str, ImageEmbedding] = {}
         for target in spec.targets:
             pairs = self._label_prompts(target, texts.get(target.to_name), spec.segmentation)
@@ -324,13 +394,15 @@ class GEMService:
             url = task["data"][target.value_key]
             if url not in embeddings:  # several controls on one image share its embedding
                 embeddings[url] = self.image_embedding(predictor, url, task_id, spec.segmentation)
-            result = predictor.predict(list(dict.fromkeys(p for _, p in pairs)), embeddings[url])
-            for region, area in self._target_regions(result, target, pairs, spec.segmentation):
+            result = predictor.predict(list(dict.fromkeys(p for _, p in pairs)), embeddings[url],
+                                       prototypes=self.prompt_prototypes(spec, pairs))
+            for region, area, margin in self._target_regions(result, target, pairs, spec.segmentation):
                 regions.append(region)
                 areas.append(area)
+                margins.append(margin)
         if not regions:
             return prediction([], spec.model_version)
-        score = sum(r["score"] * a for r, a in zip(regions, areas)) / max(sum(areas), 1e-12)
+        score = task_score(regions, areas, margins, spec.segmentation.score)
         return prediction(regions, spec.model_version, score=score)
 
     # ------------------------------------------------------------------ interactive
@@ -353,7 +425,8 @@ class GEMService:
         wanted = match_label(ctx.label, target) if ctx.label else None
         predictor = self.predictor(seg)
         embedding = self.image_embedding(predictor, task["data"][target.value_key], task.get("id"), seg)
-        probs = predictor.probabilities(prompts, embedding)
+        probs = predictor.probabilities(prompts, embedding, prototypes=self.prompt_prototypes(
+            spec, [(lab, pairs[lab]) for lab in pairs]))
         chosen = select_region(probs, len(prompts), prompts.index(pairs[wanted]) if wanted else None,
                                ctx.clicks, ctx.boxes, seg.threshold)
         if not chosen.mask.any():
@@ -365,7 +438,7 @@ class GEMService:
             full = _resize_nearest(small.astype(np.uint8), (height, width)).astype(bool)
             regions = [brush_region(full, label, target, chosen.score)]
         else:
-            regions = [region for region, _ in
+            regions = [region for region, _, _ in
                        self._shapes(small, small.astype(np.float32) * chosen.score, label, target, seg,
                                     (height, width), min_area=1)]
         return prediction(regions, spec.model_version, score=chosen.score)
@@ -436,8 +509,8 @@ class GEMService:
 
     # ------------------------------------------------------------------ regions
     def _target_regions(self, result: Segmentation, target: LabelTarget, pairs: Sequence[tuple[str, str]],
-                        segmentation: SegmentationSettings) -> list[tuple[dict, float]]:
-        """Regions of one control: ``[(region, area fraction)]``."""
+                        segmentation: SegmentationSettings) -> list[tuple[dict, float, float]]:
+        """Regions of one control: ``[(region, area fraction, mean margin inside)]``."""
         out, used = [], set()
         present: list[tuple[str, str]] = []
         for label, prompt in pairs:
@@ -452,20 +525,22 @@ class GEMService:
             if isinstance(target, BrushTarget):
                 if target.score_threshold is not None and score < target.score_threshold:
                     continue
-                out.append((brush_region(result.mask(prompt), label, target, score), result.areas[prompt]))
+                out.append((brush_region(result.mask(prompt), label, target, score), result.areas[prompt],
+                            result.margins.get(prompt, score)))
                 continue
             small = result.input_map == result.labels.index(prompt) + 1
             out.extend(self._shapes(small, result.confidence, label, target, segmentation,
-                                    result.label_map.shape))
+                                    result.label_map.shape, margin=result.margin))
         return out
 
     @staticmethod
     def _shapes(small: np.ndarray, confidence: np.ndarray, label: str, target: LabelTarget,
                 segmentation: SegmentationSettings, size: tuple[int, int],
-                min_area: int | None = None) -> list[tuple[dict, float]]:
+                min_area: int | None = None, margin: np.ndarray | None = None) -> list[tuple[dict, float, float]]:
         """Polygons (PolygonLabels) or boxes (RectangleLabels) of one label's mask at the
         model input size: one per connected part of at least ``min_area`` pixels (default:
-        ``segmentation.min_area`` of the image), scored by the mean confidence inside."""
+        ``segmentation.min_area`` of the image), scored by the mean confidence inside.
+        ``[(region, area fraction, mean margin inside (the score without a margin map))]``."""
         h, w = small.shape
         height, width = size
         if min_area is None:
@@ -476,38 +551,51 @@ class GEMService:
             polygons, comps = mask_polygons(small, tolerance=tolerance, min_area=min_area,
                                             scale=(width / w, height / h))
             means = component_means(comps, confidence)
+            sure = component_means(comps, margin) if margin is not None else means
             for poly in polygons:
                 score = float(means[poly.component])
                 if target.score_threshold is not None and score < target.score_threshold:
                     continue
                 out.append((polygon_region(to_percent(poly.points, (h, w)), label, target, score, width, height),
-                            poly.area / (h * w)))
+                            poly.area / (h * w), float(sure[poly.component])))
         elif isinstance(target, RectangleTarget):
             comps = connected_components(small)
             means = component_means(comps, confidence)
+            sure = component_means(comps, margin) if margin is not None else means
             for x0, y0, x1, y1, k in bounding_boxes(small, min_area, comps):
                 score = float(means[k])
                 if target.score_threshold is not None and score < target.score_threshold:
                     continue
                 out.append((rectangle_region(100.0 * x0 / w, 100.0 * y0 / h, 100.0 * (x1 - x0) / w,
                                              100.0 * (y1 - y0) / h, label, target, score, width, height),
-                            float(comps.areas[k]) / (h * w)))
+                            float(comps.areas[k]) / (h * w), float(sure[k])))
         return out
 
     @staticmethod
     def _choices(result: Segmentation, target: ChoicesTarget,
-                 present: Sequence[tuple[str, str]]) -> list[tuple[dict, float]]:
+                 present: Sequence[tuple[str, str]]) -> list[tuple[dict, float, float]]:
         """The choices whose prompt has a mask: all of them (``choice="multiple"``) or the one
         covering most of the image."""
-        found = [(label, result.scores[p], result.areas[p]) for label, p in present
+        found = [(label, result.scores[p], result.areas[p], result.margins.get(p, result.scores[p]))
+                 for label, p in present
                  if target.score_threshold is None or result.scores[p] >= target.score_threshold]
         if not found:
             return []
         if not target.multiple:
             found = [max(found, key=lambda item: item[2])]
-        area = sum(a for _, _, a in found)
-        score = sum(s * a for _, s, a in found) / max(area, 1e-12)
-        return [(choices_region([label for label, _, _ in found], target, score), area)]
+        area = sum(f[2] for f in found)
+        score = sum(f[1] * f[2] for f in found) / max(area, 1e-12)
+        margin = sum(f[3] * f[2] for f in found) / max(area, 1e-12)
+        return [(choices_region([f[0] for f in found], target, score), area, margin)]
+
+
+def task_score(regions: Sequence[Mapping], areas: Sequence[float], margins: Sequence[float], kind: str) -> float:
+    """A prediction's task-level score: the area-weighted mean over its regions of the region
+    scores (``mean_prob``: mean winning probability) or of the mean per-pixel margin between
+    the best and the second-best prompt (``margin``). Low = uncertain: sorting tasks by
+    prediction score, ascending, puts the least certain first."""
+    values = margins if kind == "margin" else [r["score"] for r in regions]
+    return float(sum(v * a for v, a in zip(values, areas)) / max(sum(areas), 1e-12))
 
 
 def _lines(text: str) -> list[str]:

@@ -69,6 +69,15 @@ def _parse_bool(value: str | bool) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+def _parse_score(value: str) -> str:
+    from .segmentation import SCORE_KINDS
+
+    kind = str(value).strip().lower().replace("-", "_")
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"must be one of {', '.join(SCORE_KINDS)}")
+    return kind
+
+
 def _parse_allowed_hosts(value: str) -> tuple[str, ...]:
     from .images import parse_allowed_hosts
 
@@ -86,6 +95,10 @@ _SEG_FIELDS: dict[str, tuple[str, Any]] = {
     "min_area": ("GEM_MIN_AREA", float),
     "templates": ("GEM_TEMPLATES", parse_templates),
     "polygon_tolerance": ("GEM_POLYGON_TOLERANCE", float),
+    "score": ("GEM_SCORE", _parse_score),
+    "prototypes": ("GEM_PROTOTYPES", _parse_bool),
+    "prototype_strength": ("GEM_PROTOTYPE_STRENGTH", float),
+    "prototype_min_annotations": ("GEM_PROTOTYPE_MIN_ANNOTATIONS", int),
 }
 
 
@@ -264,14 +277,18 @@ def _versioned(seg: SegmentationSettings) -> dict:
     """The segmentation settings that enter the model version. Settings added later count
     only when they differ from their default, so adding one keeps existing versions."""
     out = dataclasses.asdict(seg)
+    if not seg.prototypes:  # the prototype knobs change nothing while prototypes are off
+        out.pop("prototype_strength")
+        out.pop("prototype_min_annotations")
     for key, default in _LATER_SEG_DEFAULTS.items():
-        if out.get(key) == default:
+        if key in out and out[key] == default:
             out.pop(key)
     return out
 
 
 # (settings added after the first release: name -> default)
-_LATER_SEG_DEFAULTS = {"polygon_tolerance": SegmentationSettings().polygon_tolerance}
+_LATER_SEG_DEFAULTS = {key: getattr(SegmentationSettings(), key) for key in (
+    "polygon_tolerance", "score", "prototypes", "prototype_strength", "prototype_min_annotations")}
 
 
 def parse_extra_params(extra_params: str | Mapping | None) -> dict:
