@@ -240,9 +240,33 @@ class GEM(nn.Module):
         templates stay within memory.
         """
         prompts = list(prompts)
-        out = [F.normalize(self.model.encode_text(self.tokenize(prompts[i:i + batch_size])), dim=-1)
+        out = [F.normalize(self._text_tower(self.tokenize(prompts[i:i + batch_size])), dim=-1)
                for i in range(0, len(prompts), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device, dtype=self.dtype)
+
+    def _text_tower(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``model.encode_text`` on ``[C, L]`` tokens, over the used context only.
+
+        CLIP's text tower is causal and pools the end-of-text token (the largest id), so
+        the padding after the longest prompt's end never reaches a pooled token: cutting
+        the context there gives the same embeddings at a fraction of the cost (prompts
+        are ~10 of 77 tokens). Other text towers go through ``encode_text`` unchanged.
+        """
+        m = self.model
+        if (getattr(m, "text_pool_type", None) != "argmax" or getattr(m, "attn_mask", None) is None
+                or not hasattr(m, "token_embedding") or not hasattr(m, "ln_final")):
+            return m.encode_text(tokens)
+        eot = tokens.argmax(dim=-1)
+        length = int(eot.max()) + 1
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens[:, :length]).to(cast_dtype)
+        x = x + m.positional_embedding[:length].to(cast_dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = m.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
+        proj = m.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     def encode_text(self, labels: Sequence[str],
                     templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
