@@ -67,12 +67,14 @@ def bench_forward(loaded, size: int, batch: int, labels: int, runs: int, warmup:
     names = [f"object number {i}" for i in range(labels)]
     sync = loaded.device.type == "cuda"
     with torch.inference_mode():
-        image_s, _ = _median_time(lambda: gem.encode_image(x), runs, warmup, sync)
-        full_s, _ = _median_time(lambda: gem.similarity_maps(x, gem.encode_text(names)), runs, warmup, sync)
+        image_s, image_all = _median_time(lambda: gem.encode_image(x), runs, warmup, sync)
+        full_s, full_all = _median_time(lambda: gem.similarity_maps(x, gem.encode_text(names)), runs, warmup, sync)
+    # min as well as median: on a shared machine the fastest run is the least disturbed one
     return dict(bench="forward", model=loaded.model_name, size=size, batch=batch, labels=labels,
                 dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device),
                 threads=torch.get_num_threads(), image_tower_s=image_s / batch,
-                with_text_and_maps_s=full_s / batch, images_per_s=batch / image_s)
+                with_text_and_maps_s=full_s / batch, with_text_and_maps_min_s=min(full_all) / batch,
+                images_per_s=batch / image_s)
 
 
 def bench_text(loaded, labels: int = 20, templates: int = 80) -> dict:
@@ -324,8 +326,10 @@ def run(args) -> list[dict]:
         emit(ref)
         for rec in records:
             if rec["bench"] == "forward":
-                emit(dict(bench="ratio", what=f"ours {rec['dtype']} / reference (same work)",
+                emit(dict(bench="ratio", what=f"ours {rec['dtype']} / reference (same work, median)",
                           ratio=rec["with_text_and_maps_s"] / ref["median_s"]))
+                emit(dict(bench="ratio", what=f"ours {rec['dtype']} / reference (same work, fastest run)",
+                          ratio=rec["with_text_and_maps_min_s"] / min(ref["runs_s"])))
     emit(dict(bench="rss", peak_rss_mb=peak_rss_mb()))
     return records
 
@@ -418,4 +422,4 @@ def compare_reference(venv: str, model: str = "ViT-B-16", size: int = 448, label
         ours = gem.similarity_maps(x, gem.encode_text(names)).numpy()
         our_time, _ = _median_time(lambda: gem.similarity_maps(x, gem.encode_text(names)), runs, 1)
     return dict(bench="compare", model=model, size=size, labels=labels, max_abs_diff=float(np.abs(ours - ref).max()),
-                ours_s=our_time, reference_s=ref_time, ratio=our_time / ref_time, threads=torch.get_num_threads())
+                ours_median_s=our_time, reference_median_s=ref_time, threads=torch.get_num_threads())

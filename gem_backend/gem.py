@@ -177,19 +177,23 @@ class GEM(nn.Module):
         x_ori = x_ori + block.ls_1(out)
         x_ori = x_ori + block.ls_2(block.mlp(block.ln_2(x_ori)))
 
-        # GEM path: v, k and q each go through self-self attention together ([3, B, ...]).
+        # GEM path: v, k and q each go through self-self attention together, as a batch of
+        # 3*B: [3*B, heads, T, head_dim]. softmax(s s^T t) @ s is attention with query s*t, so
+        # it runs as fused scaled-dot-product attention (no T x T matrix in memory).
         if self.ss_attn_temp is None:
-            # per-image adaptive inverse temperature, [1, B, 1, 1, 1]
-            inv_temp = x.norm(dim=-1).mean(dim=-1).reshape(1, bsz, 1, 1, 1) * scale
+            # per-image adaptive inverse temperature, [3*B, 1, 1, 1]
+            inv_temp = (x.norm(dim=-1).mean(dim=-1) * scale).repeat(3).reshape(3 * bsz, 1, 1, 1)
         else:
             inv_temp = self.ss_attn_temp
-        s = torch.stack((v, k, q))
+        s = torch.stack((v, k, q)).reshape(3 * bsz, heads, tokens, head_dim)
         for _ in range(self.ss_attn_iter):
             s = F.normalize(s, dim=-1)
-            s = torch.softmax(s @ s.transpose(-2, -1) * inv_temp, dim=-1) @ s
+            s = F.scaled_dot_product_attention(s * inv_temp, s, s, scale=1.0)
         s = F.normalize(s, dim=-1)
-        gem = torch.softmax(s @ s.transpose(-2, -1) * inv_temp, dim=-1) @ v  # [3, B, h, T, d]
-        gem = gem.mean(dim=0).transpose(1, 2).reshape(bsz, tokens, width)
+        values = v.unsqueeze(0).expand(3, -1, -1, -1, -1).reshape(3 * bsz, heads, tokens, head_dim)
+        gem = F.scaled_dot_product_attention(s * inv_temp, s, values, scale=1.0)
+        gem = gem.reshape(3, bsz, heads, tokens, head_dim).mean(dim=0)
+        gem = gem.transpose(1, 2).reshape(bsz, tokens, width)
         gem = F.linear(gem, attn.out_proj.weight, attn.out_proj.bias)
         x_gem = x_gem + block.ls_1(gem)
         return x_ori, x_gem
