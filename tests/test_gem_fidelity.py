@@ -193,3 +193,18 @@ def test_computes_in_model_dtype():
         maps = gem.similarity_maps(x, gem.encode_text(["a"]))
     assert feat_gem.dtype == torch.bfloat16
     assert maps.shape == (1, 1, 96, 64)
+
+
+def test_bfloat16_features_match_float32(model):
+    """bf16 weights (chosen automatically on CPUs with native bf16): GEM patch features
+    keep a mean cosine similarity >= 0.999 to float32, at a resampled (non-native) size."""
+    import copy
+
+    x = _golden_input("image_2.png")  # 224x320: positional embeddings resampled (in float32)
+    with torch.no_grad():
+        f32, _ = GEM(model).encode_image(x)
+        bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+        b16, _ = GEM(bf16_model).encode_image(x)
+    assert b16.dtype == torch.bfloat16
+    cos = F.cosine_similarity(f32[0, 1:], b16[0, 1:].float(), dim=-1)
+    assert cos.mean().item() >= 0.999, cos.mean().item()
