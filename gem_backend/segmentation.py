@@ -244,14 +244,25 @@ class GEMPredictor:
                 reduced copy (e.g. a JPEG decoded at 1/4 scale); default ``(H, W)``.
         """
         x = self.preprocess(image)
+        size = tuple(original_size) if original_size else (image.shape[0], image.shape[1])
+        self.embedding = self.embed_batch(x, [size])[0]
+        return self.embedding
+
+    def embed_batch(self, x: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[ImageEmbedding]:
+        """The image tower on a batch of preprocessed images of one input size.
+
+        Args:
+            x: ``[B, 3, H_in, W_in]`` from :meth:`preprocess` (concatenated).
+            original_sizes: ``B`` sizes ``(H0, W0)`` the masks are wanted at.
+        Returns:
+            ``B`` :class:`ImageEmbedding`; each image's result is the same as alone.
+        """
         with torch.inference_mode():
             feat_gem, _ = self.gem.encode_image(x)
         grid = self.gem.grid_for(x.shape[-2], x.shape[-1])
-        patches = F.normalize(feat_gem[0, 1:].float(), dim=-1).cpu()
-        size = tuple(original_size) if original_size else (image.shape[0], image.shape[1])
-        self.embedding = ImageEmbedding(patches=patches, grid=grid, input_size=tuple(x.shape[-2:]),
-                                        original_size=size)
-        return self.embedding
+        patches = F.normalize(feat_gem[:, 1:].float(), dim=-1).cpu()
+        return [ImageEmbedding(patches=patches[i], grid=grid, input_size=tuple(x.shape[-2:]),
+                               original_size=tuple(size)) for i, size in enumerate(original_sizes)]
 
     # ------------------------------------------------------------------ decision
     def prompt_embeddings(self, labels: Sequence[str], prototypes: Mapping[str, tuple] | None = None) -> torch.Tensor:

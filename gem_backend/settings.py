@@ -134,6 +134,7 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)  # REDIS_URL
     text_cache_size: int = 4096                     # GEM_TEXT_CACHE_SIZE
     image_cache_mb: int = 512                       # GEM_IMAGE_CACHE_MB: in-process image-feature cache, 0 = off
+    batch_size: int = 0                             # GEM_BATCH_SIZE: images per forward in a request; 0 = auto (8 on GPU, 1 on CPU)
     image_cache_ttl: int = 86400                    # GEM_IMAGE_CACHE_TTL: seconds image features live in Redis
     state_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "gem-backend")  # GEM_STATE_DIR
     # images
@@ -194,6 +195,7 @@ class Settings:
             redis_url=get("REDIS_URL", str, None),
             text_cache_size=get("GEM_TEXT_CACHE_SIZE", int, base.text_cache_size),
             image_cache_mb=get("GEM_IMAGE_CACHE_MB", int, base.image_cache_mb),
+            batch_size=get("GEM_BATCH_SIZE", int, base.batch_size),
             image_cache_ttl=get("GEM_IMAGE_CACHE_TTL", int, base.image_cache_ttl),
             state_dir=get("GEM_STATE_DIR", str, None) or (os.path.join(env["MODEL_DIR"], "gem-state")
                                                           if env.get("MODEL_DIR") else base.state_dir),

@@ -1,0 +1,74 @@
+"""Batching the tasks of one request (GEM_BATCH_SIZE): same predictions as one by one,
+fewer image-tower calls, failures still isolated per task."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gem_backend.models import load_gem_model
+from gem_backend.service import GEMService
+from gem_backend.settings import Settings
+from helpers import GOLDEN
+
+CONFIG = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+          '<Label value="cat"/><Label value="dog"/><Label value="grass"/></BrushLabels></View>')
+
+
+def _data_uri(width: int, height: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_gem_model(str(GOLDEN / "config.json"), str(GOLDEN / "weights.safetensors"),
+                          device="cpu", precision="fp32")
+
+
+def _service(loaded, tmp_path, batch: int) -> GEMService:
+    settings = Settings.from_env({
+        "GEM_MODEL": str(GOLDEN / "config.json"), "GEM_PRETRAINED": str(GOLDEN / "weights.safetensors"),
+        "GEM_THRESHOLD": "0", "GEM_MIN_AREA": "0", "GEM_INPUT_SIZE": "112", "GEM_DEVICE": "cpu",
+        "GEM_STATE_DIR": str(tmp_path), "GEM_BATCH_SIZE": str(batch), "GEM_IMAGE_CACHE_MB": "0"})
+    return GEMService(settings, loaded=loaded)
+
+
+def test_batched_request_equals_one_by_one(loaded, tmp_path, monkeypatch):
+    # two input sizes (landscape and portrait), a duplicate image, and a broken task
+    tasks = [{"id": i, "data": {"image": _data_uri(*size, seed=i)}}
+             for i, size in enumerate([(160, 120), (120, 160), (160, 120), (160, 120), (120, 160)])]
+    tasks.append({"id": 9, "data": {"image": tasks[0]["data"]["image"]}})
+    tasks.append({"id": 10, "data": {"image": "data:image/png;base64,bm90IGFuIGltYWdl"}})
+
+    calls = []
+    original = loaded.gem.encode_image
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return original(x)
+
+    monkeypatch.setattr(loaded.gem, "encode_image", counting)
+    one = _service(loaded, tmp_path, 1).predict_tasks(tasks, CONFIG)
+    one_calls = list(calls)
+    calls.clear()
+    batched = _service(loaded, tmp_path, 3).predict_tasks(tasks, CONFIG)
+
+    assert len(one_calls) == 6  # every good task alone (the duplicate too: cache off)
+    assert sorted(calls) == [2, 3]  # 3 landscape images in one batch, 2 portrait in another
+    assert len(batched) == len(one) == len(tasks)
+    for a, b in zip(one, batched):
+        assert [r["value"]["brushlabels"] for r in a["result"]] == [r["value"]["brushlabels"] for r in b["result"]]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        for ra, rb in zip(a["result"], b["result"]):
+            assert (ra["original_width"], ra["original_height"]) == (rb["original_width"], rb["original_height"])
+    assert batched[-1]["result"] == [] and batched[-1]["score"] == 0
+    assert batched[0]["result"] and batched[1]["result"][0]["original_height"] == 160
