@@ -326,6 +326,7 @@ class GEMService:
         # decoding large JPEGs at a reduced scale is enough for the model input
         image = _decode(data, source, self.fetcher.max_pixels, content_type, min_size=segmentation.input_size)
         width, height = original_size(image)
+        check_usable(width, height, source)
         pixels = np.asarray(image)
         self.metrics.fetch_seconds.observe(time.perf_counter() - started)
         embedding = self.embed(predictor, pixels, (height, width))
@@ -393,6 +394,7 @@ class GEMService:
                     image = _decode(data, source, self.fetcher.max_pixels, content_type,
                                     min_size=spec.segmentation.input_size)
                     width, height = original_size(image)
+                    check_usable(width, height, source)
                     pending[url] = (key, predictor.preprocess(np.asarray(image)), (height, width))
                 except (ImageError, ValueError, OSError):
                     continue
@@ -659,6 +661,22 @@ def task_score(regions: Sequence[Mapping], areas: Sequence[float], margins: Sequ
 
 def _lines(text: str) -> list[str]:
     return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+MIN_IMAGE_SIDE = 2
+MAX_ASPECT_RATIO = 200
+
+
+def check_usable(width: int, height: int, source: str) -> None:
+    """Raise :class:`ImageError` for images no segmentation can be drawn on: a side under
+    ``MIN_IMAGE_SIDE`` pixels, or an aspect ratio over ``MAX_ASPECT_RATIO`` (a strip that
+    the model would see as one row of patches)."""
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise ImageError(f"image too small to segment: {source} is {width}x{height} pixels "
+                         f"(at least {MIN_IMAGE_SIDE} per side)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(f"image unusable: {source} is {width}x{height} pixels, an aspect ratio over "
+                         f"{MAX_ASPECT_RATIO}:1")
 
 
 def check_tasks(tasks: Any, targets: Sequence[LabelTarget]) -> None:

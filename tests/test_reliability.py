@@ -231,8 +231,6 @@ def test_one_batch_with_every_kind_of_bad_task(tmp_path, loaded, bad_ls, caplog)
         "photo": (upload("photo.jpg"), sizes["photo.jpg"]),
         "wide": (upload("wide.png"), (96, 40)),
         "data uri": (data_uri(png_bytes(40, 24)), (40, 24)),
-        "1x1 pixel": (upload("one-pixel.png"), (1, 1)),
-        "100000x10 pixels": (upload("long.png"), (100000, 10)),
     }
     bad = {
         "404": (upload("missing.png"), r"HTTP 404 fetching http://127\.0\.0\.1:\d+/data/upload/1/missing\.png"),
@@ -250,6 +248,8 @@ def test_one_batch_with_every_kind_of_bad_task(tmp_path, loaded, bad_ls, caplog)
         "decompression bomb": (upload("bomb.png"), r"too large: .*bomb\.png claims 2500000000 pixels, the limit "
                                                    r"is 2000000 \(a decompression bomb\?\)"),
         "over GEM_MAX_IMAGE_PIXELS": (upload("big.png"), r"2001x1000 = 2001000 pixels, the limit is 2000000"),
+        "1x1 pixel": (upload("one-pixel.png"), r"too small to segment: .*1x1 pixels"),
+        "100000x10 pixels": (upload("long.png"), r"100000x10 pixels, an aspect ratio over 200:1"),
     }
     order = list(good)[:2] + list(bad)[:7] + list(good)[2:] + list(bad)[7:]
     urls = [good[k][0] if k in good else bad[k][0] for k in order]
@@ -345,8 +345,8 @@ settings = Settings.from_env({"GEM_MODEL": str(GOLDEN / "config.json"),
 service = GEMService(settings)
 gem = service.load().gem
 batches = []
-original = gem.model.encode_text
-gem.model.encode_text = lambda tokens, *a, **k: (batches.append(tokens.shape[0]), original(tokens, *a, **k))[1]
+original = gem._text_tower  # every text-tower call goes through it
+gem._text_tower = lambda tokens: (batches.append(tokens.shape[0]), original(tokens))[1]
 small = jpeg_uri(320, 240)
 service.predict_tasks([{"id": 0, "data": {"image": small}}], config(["warm", "up"]))  # warm-up
 out = {}
