@@ -163,3 +163,15 @@ def restartable_redis(local_redis_server):
     _flush(local_redis_server.url)
     yield local_redis_server
     local_redis_server.start()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (``pytestmark = usefixtures(...)``): on a small
+    shared CPU box two threads spin against other processes and run small models slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

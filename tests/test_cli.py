@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
@@ -23,14 +22,7 @@ PHOTOS = ("labelme_2011_000003.jpg", "dlv3_0.jpg")  # 500x338 and 513x513
 LABELS = ["person", "cat", "dog", "car"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU box two threads spin against other
-    processes and run these small models several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -26,14 +26,7 @@ from gem_backend.models import (
 from helpers import golden_config, golden_model, shared_path, tiny_clip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a small shared CPU box two threads spin against other
-    processes and run these small models several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
