@@ -398,6 +398,22 @@ def _mask2rle(mask: np.ndarray) -> list[int]:
     return [int(v) for v in mask2rle(mask)]
 
 
+def _image_region(kind: str, target: LabelTarget, width: int, height: int, score: float, value: dict,
+                  region_id: str | None) -> dict:
+    """The envelope every region on an image shares; ``value`` is the type's own part."""
+    return {
+        "id": region_id if region_id is not None else new_region_id(),
+        "from_name": target.from_name,
+        "to_name": target.to_name,
+        "type": kind,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "score": _finite_score(score, "score"),
+        "value": value,
+    }
+
+
 def brush_region(
     mask: np.ndarray,
     label: str,
@@ -433,21 +449,8 @@ def brush_region(
         raise ValueError(f"label {label!r} is not one of {list(target.labels)} of {target.from_name!r}")
 
     height, width = mask.shape
-    return {
-        "id": region_id if region_id is not None else new_region_id(),
-        "from_name": target.from_name,
-        "to_name": target.to_name,
-        "type": "brushlabels",
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": 0,
-        "score": _finite_score(score, "score"),
-        "value": {
-            "format": "rle",
-            "rle": _mask2rle(np.ascontiguousarray(mask)),
-            "brushlabels": [label],
-        },
-    }
+    value = {"format": "rle", "rle": _mask2rle(np.ascontiguousarray(mask)), "brushlabels": [label]}
+    return _image_region("brushlabels", target, width, height, score, value, region_id)
 
 
 def _check_label(label: str, target: LabelTarget) -> None:
@@ -481,17 +484,8 @@ def polygon_region(
     if len(pts) < 3:
         raise ValueError(f"a polygon needs at least 3 points, got {len(pts)}")
     _check_label(label, target)
-    return {
-        "id": region_id if region_id is not None else new_region_id(),
-        "from_name": target.from_name,
-        "to_name": target.to_name,
-        "type": "polygonlabels",
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": 0,
-        "score": _finite_score(score, "score"),
-        "value": {"points": pts, "closed": True, "polygonlabels": [label]},
-    }
+    value = {"points": pts, "closed": True, "polygonlabels": [label]}
+    return _image_region("polygonlabels", target, width, height, score, value, region_id)
 
 
 def rectangle_region(
@@ -514,17 +508,7 @@ def rectangle_region(
     value["width"] = min(value["width"], 100.0 - value["x"])
     value["height"] = min(value["height"], 100.0 - value["y"])
     value["rectanglelabels"] = [label]
-    return {
-        "id": region_id if region_id is not None else new_region_id(),
-        "from_name": target.from_name,
-        "to_name": target.to_name,
-        "type": "rectanglelabels",
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": 0,
-        "score": _finite_score(score, "score"),
-        "value": value,
-    }
+    return _image_region("rectanglelabels", target, width, height, score, value, region_id)
 
 
 def choices_region(choices: Sequence[str], target: LabelTarget, score: float,
