@@ -29,14 +29,13 @@ import json
 import logging
 import struct
 import threading
-import time
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from .segmentation import ImageEmbedding, SegmentationSettings
-from .text_cache import redact_url
+from .redis_gate import RedisGate
 
 logger = logging.getLogger(__name__)
 
@@ -123,23 +122,15 @@ class EmbeddingCache:
         self._lru: OrderedDict[str, tuple[ImageEmbedding, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self._counts = dict(local_hits=0, redis_hits=0, misses=0, redis_errors=0, redis_invalid=0)
+        self._counts = dict(local_hits=0, redis_hits=0, misses=0, redis_invalid=0)
         self._redis = None
         self._redis_errors: tuple = (OSError,)
-        self._redis_ok = False
-        self._next_retry = 0.0
-        self._warned = False
-        self._url = redact_url(redis_url) if redis_url else None
+        self._gate: RedisGate | None = None
         if redis_url:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
-            self._redis_errors = (redis.RedisError, OSError)
-            self._redis = redis.Redis.from_url(
-                redis_url, socket_timeout=redis_timeout, socket_connect_timeout=redis_timeout,
-                retry=Retry(NoBackoff(), 0), decode_responses=False, health_check_interval=0)
-            self._redis_ok = True  # first use tells; no ping at construction (startup stays fast)
+            # no ping at construction (startup stays fast): the first use tells
+            self._gate = RedisGate(redis_url, "image feature cache", logger, self.retry_after, redis_timeout)
+            self._redis = self._gate.client_
+            self._redis_errors = self._gate.errors_types
 
     # ------------------------------------------------------------------ API
     def get(self, key: str) -> tuple[ImageEmbedding | None, str]:
@@ -168,8 +159,8 @@ class EmbeddingCache:
     def stats(self) -> dict:
         with self._lock:
             out: dict = dict(self._counts)
-            out.update(entries=len(self._lru), bytes=self._bytes,
-                       redis_ok=self._redis is not None and self._redis_ok)
+            out.update(entries=len(self._lru), bytes=self._bytes)
+        out.update(redis_errors=self._gate.errors if self._gate else 0, redis_ok=bool(self._gate and self._gate.ok))
         return out
 
     def clear_local(self) -> None:
@@ -194,34 +185,13 @@ class EmbeddingCache:
 
     # ------------------------------------------------------------------ Redis
     def _client(self):
-        if self._redis is None:
-            return None
-        with self._lock:
-            if self._redis_ok:
-                return self._redis
-            now = time.monotonic()
-            if now < self._next_retry:
-                return None
-            self._next_retry = now + self.retry_after
-            return self._redis
+        return self._gate.client() if self._gate else None
 
     def _down(self, exc: BaseException) -> None:
-        with self._lock:
-            self._counts["redis_errors"] += 1
-            self._next_retry = time.monotonic() + self.retry_after
-            first = self._redis_ok or not self._warned
-            self._redis_ok = False
-            self._warned = True
-        if first:
-            logger.warning("image feature cache: Redis at %s unavailable (%s: %s); in-process cache only, "
-                           "retrying every %.0f s", self._url, type(exc).__name__, exc, self.retry_after)
+        self._gate.down(exc)
 
     def _up(self) -> None:
-        with self._lock:
-            if self._redis_ok:
-                return
-            self._redis_ok = True
-        logger.info("image feature cache: Redis at %s is reachable again", self._url)
+        self._gate.up()
 
     def _redis_get(self, key: str) -> ImageEmbedding | None:
         client = self._client()

@@ -748,7 +748,7 @@ def _redis(url: str | None, what: str):
     try:
         client.ping()
     except redis.RedisError as err:
-        from .text_cache import redact_url
+        from .redis_gate import redact_url
 
         hint = "" if what == "--queue" or "worker" in what else " (unset REDIS_URL to run without task locks)"
         raise PrelabelError(f"Redis at {redact_url(url)} is unreachable{hint}: {type(err).__name__}: {err}") from None

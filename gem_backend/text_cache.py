@@ -28,43 +28,17 @@ import hashlib
 import logging
 import struct
 import threading
-import time
 from collections import OrderedDict
 from typing import Callable, Sequence
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
+
+from .redis_gate import RedisGate, redact_url  # noqa: F401  (redact_url: public here too)
 
 logger = logging.getLogger(__name__)
 
 _MAGIC = b"GTE1"
 _HEADER = struct.Struct("<4sI")  # magic, dimension D
-
-
-def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``.
-
-    ``redis://user:pass@host:6379/0`` -> ``redis://user:***@host:6379/0``;
-    a ``password=`` query parameter is redacted too.  Meant for log lines.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable redis url>"
-    netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() == "password" for k, _ in pairs):
-            query = urlencode(
-                [(k, "***" if k.lower() == "password" else v) for k, v in pairs],
-                safe="*",
-            )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _encode_value(vec: np.ndarray) -> bytes:
@@ -128,37 +102,21 @@ class TextEmbeddingCache:
         self._dim: int | None = None  # embedding width, learnt from the first vector seen
 
         self._state_lock = threading.Lock()  # guards counters and Redis health state
-        self._counts = dict(local_hits=0, redis_hits=0, misses=0, encoded=0, redis_errors=0, redis_invalid=0)
+        self._counts = dict(local_hits=0, redis_hits=0, misses=0, encoded=0, redis_invalid=0)
         self._redis = None
         self._redis_errors: tuple = (OSError,)
-        self._redis_ok = False
-        self._warned = False  # covers "down since start", where _redis_ok never was True
-        self._next_retry = 0.0
-        self._redis_url_redacted = redact_url(redis_url) if redis_url else None
+        self._gate: RedisGate | None = None
 
         if redis_url:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
-            self._redis_errors = (redis.RedisError, OSError)
-            self._redis = redis.Redis.from_url(
-                redis_url,
-                socket_timeout=redis_timeout,
-                socket_connect_timeout=redis_timeout,
-                # redis-py retries with backoff by default; one attempt keeps a
-                # dead server's cost at ~redis_timeout per probe.
-                retry=Retry(NoBackoff(), 0),
-                decode_responses=False,
-                health_check_interval=0,
-            )
+            self._gate = RedisGate(redis_url, "text embedding cache", logger, self.retry_after, redis_timeout)
+            self._redis = self._gate.client_
+            self._redis_errors = self._gate.errors_types
             try:
                 self._redis.ping()
             except self._redis_errors as exc:
-                self._mark_down(exc)
+                self._gate.down(exc)
             else:
-                self._redis_ok = True
-                logger.info("text embedding cache: using Redis at %s", self._redis_url_redacted)
+                logger.info("text embedding cache: using Redis at %s", self._gate.url)
 
     # ------------------------------------------------------------------ API
 
@@ -240,7 +198,8 @@ class TextEmbeddingCache:
         """
         with self._state_lock:
             out: dict = dict(self._counts)
-            out["redis_ok"] = self._redis is not None and self._redis_ok
+        out["redis_errors"] = self._gate.errors if self._gate else 0
+        out["redis_ok"] = bool(self._gate and self._gate.ok)
         with self._lru_lock:
             out["lru_size"] = len(self._lru)
         return out
@@ -300,39 +259,13 @@ class TextEmbeddingCache:
 
     def _redis_client(self):
         """The client if Redis should be tried now, else ``None``."""
-        if self._redis is None:
-            return None
-        with self._state_lock:
-            if self._redis_ok:
-                return self._redis
-            now = time.monotonic()
-            if now < self._next_retry:
-                return None
-            # Push the deadline first so concurrent requests do not all probe.
-            self._next_retry = now + self.retry_after
-            return self._redis
+        return self._gate.client() if self._gate else None
 
     def _mark_ok(self) -> None:
-        with self._state_lock:
-            if self._redis_ok:
-                return
-            self._redis_ok = True
-        logger.info("text embedding cache: Redis at %s is reachable again", self._redis_url_redacted)
+        self._gate.up()
 
     def _mark_down(self, exc: BaseException) -> None:
-        with self._state_lock:
-            self._counts["redis_errors"] += 1
-            self._next_retry = time.monotonic() + self.retry_after
-            first = self._redis_ok or not self._warned
-            self._redis_ok = False
-            self._warned = True
-        if first:  # one warning per outage; failed re-probes only at debug
-            logger.warning(
-                "text embedding cache: Redis at %s unavailable (%s: %s); using the in-process "
-                "cache only, retrying every %.0f s",
-                self._redis_url_redacted, type(exc).__name__, exc, self.retry_after)
-        else:
-            logger.debug("text embedding cache: Redis still unavailable (%s)", exc)
+        self._gate.down(exc)
 
     def _redis_get_many(self, labels: list[str]) -> dict[str, np.ndarray]:
         """One MGET for ``labels``; valid values only (``{}`` when Redis is down)."""

@@ -1,0 +1,105 @@
+"""Redis as an optional tier: a cache must never fail a request because Redis is away.
+
+:class:`RedisGate` holds one client and decides when to use it: always while it answers;
+after a failure, at most once every ``retry_after`` seconds. It logs one warning per outage
+and one info line on recovery, with the URL's password redacted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``.
+
+    ``redis://user:pass@host:6379/0`` -> ``redis://user:***@host:6379/0``;
+    a ``password=`` query parameter is redacted too.  Meant for log lines.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable redis url>"
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() == "password" for k, _ in pairs):
+            query = urlencode(
+                [(k, "***" if k.lower() == "password" else v) for k, v in pairs],
+                safe="*",
+            )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class RedisGate:
+    """One Redis client with outage handling, shared by the text and image caches.
+
+    Args:
+        url: ``redis://...``; a malformed URL raises here (a configuration error).
+        what: what the cache is, for log lines ("text embedding cache").
+        logger: where the warning and recovery lines go.
+        retry_after: seconds between probes while Redis is down.
+        timeout: socket connect/read timeout; no retries, so a dead server costs one timeout.
+    """
+
+    def __init__(self, url: str, what: str, logger: logging.Logger, retry_after: float = 30.0,
+                 timeout: float = 0.5):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.errors_types: tuple = (redis.RedisError, OSError)
+        self.client_ = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            # redis-py retries with backoff by default; one attempt keeps a dead server's
+            # cost at ~timeout per probe
+            retry=Retry(NoBackoff(), 0), decode_responses=False, health_check_interval=0)
+        self.what = what
+        self.url = redact_url(url)
+        self.retry_after = float(retry_after)
+        self.log = logger
+        self.ok = True
+        self.errors = 0
+        self._warned = False  # covers "down since start", where ok was never seen True
+        self._next_retry = 0.0
+        self._lock = threading.Lock()
+
+    def client(self):
+        """The client if Redis should be tried now, else ``None``."""
+        with self._lock:
+            if self.ok:
+                return self.client_
+            now = time.monotonic()
+            if now < self._next_retry:
+                return None
+            # push the deadline first so concurrent requests do not all probe
+            self._next_retry = now + self.retry_after
+            return self.client_
+
+    def down(self, exc: BaseException) -> None:
+        with self._lock:
+            self.errors += 1
+            self._next_retry = time.monotonic() + self.retry_after
+            first = self.ok or not self._warned
+            self.ok = False
+            self._warned = True
+        if first:  # one warning per outage; failed re-probes only at debug
+            self.log.warning("%s: Redis at %s unavailable (%s: %s); in-process cache only, retrying every %.0f s",
+                             self.what, self.url, type(exc).__name__, exc, self.retry_after)
+        else:
+            self.log.debug("%s: Redis still unavailable (%s)", self.what, exc)
+
+    def up(self) -> None:
+        with self._lock:
+            if self.ok:
+                return
+            self.ok = True
+        self.log.info("%s: Redis at %s is reachable again", self.what, self.url)
