@@ -334,14 +334,19 @@ def _voc_reader(num_classes_reduce: bool):
         base = _find_root(root, "ImageSets/Segmentation/val.txt", ("", "VOC2012", "VOCdevkit/VOC2012"),
                           "PASCAL VOC 2012 (devkit)")
         decode = _voc_decoder(21, _reduce_zero(20) if num_classes_reduce else _identity(21))
-        samples = []
-        for name in _read_ids(base / "ImageSets/Segmentation/val.txt"):
-            img, lab = base / "JPEGImages" / f"{name}.jpg", base / "SegmentationClass" / f"{name}.png"
-            if not img.is_file() or not lab.is_file():
-                raise DatasetError(f"VOC val image {name}: {img} or {lab} is missing")
-            samples.append(Sample(name, img, lab, decode))
-        return samples
+        return _listed_samples(base, "ImageSets/Segmentation/val.txt", "SegmentationClass", decode, "VOC")
     return read
+
+
+def _listed_samples(base: Path, split: str, label_dir: str, decode, what: str) -> list[Sample]:
+    """VOC-style samples: ids from ``split``, ``JPEGImages/<id>.jpg`` and ``<label_dir>/<id>.png``."""
+    samples = []
+    for name in _read_ids(base / split):
+        img, lab = base / "JPEGImages" / f"{name}.jpg", base / label_dir / f"{name}.png"
+        if not img.is_file() or not lab.is_file():
+            raise DatasetError(f"{what} val image {name}: {img} or {lab} is missing")
+        samples.append(Sample(name, img, lab, decode))
+    return samples
 
 
 def _context_reader(with_background: bool):
@@ -349,13 +354,8 @@ def _context_reader(with_background: bool):
         base = _find_root(root, "ImageSets/SegmentationContext/val.txt",
                           ("", "VOC2010", "VOCdevkit/VOC2010"), "PASCAL Context (mmseg layout)")
         decode = _identity(60) if with_background else _reduce_zero(59)
-        samples = []
-        for name in _read_ids(base / "ImageSets/SegmentationContext/val.txt"):
-            img, lab = base / "JPEGImages" / f"{name}.jpg", base / "SegmentationClassContext" / f"{name}.png"
-            if not img.is_file() or not lab.is_file():
-                raise DatasetError(f"Context val image {name}: {img} or {lab} is missing")
-            samples.append(Sample(name, img, lab, decode))
-        return samples
+        return _listed_samples(base, "ImageSets/SegmentationContext/val.txt", "SegmentationClassContext", decode,
+                               "Context")
     return read
 
 
