@@ -59,12 +59,17 @@ def _settings_from_args(args):
         raise SystemExit(f"gem-backend: {err}")
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and segmentation (default: GEM_* environment variables)")
+def _add_weights_flags(g) -> None:
+    """Which model, which weights, where and in what precision: the same flags everywhere."""
     g.add_argument("--model", help="open_clip model name or config JSON path (GEM_MODEL)")
     g.add_argument("--pretrained", help="pretrained tag, weights file, or 'none' (GEM_PRETRAINED)")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (GEM_DEVICE)")
     g.add_argument("--precision", help="auto, fp32, bf16, fp16 (GEM_PRECISION)")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and segmentation (default: GEM_* environment variables)")
+    _add_weights_flags(g)
     g.add_argument("--threshold", type=float, help="background probability threshold; 0 = off (GEM_THRESHOLD)")
     g.add_argument("--min-area", type=float, help="drop labels under this image fraction (GEM_MIN_AREA)")
     g.add_argument("--background-prompts", help="comma-separated; '' for none (GEM_BACKGROUND_PROMPTS)")
@@ -212,10 +217,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--batch-size", type=int, default=8, help="sliding windows per forward pass (default 8)")
     g = p.add_argument_group("model (default: GEM_* environment variables)")
-    g.add_argument("--model", help="open_clip model name or config JSON path (GEM_MODEL)")
-    g.add_argument("--pretrained", help="pretrained tag, weights file, or 'none' (GEM_PRETRAINED)")
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (GEM_DEVICE)")
-    g.add_argument("--precision", help="auto, fp32, bf16, fp16 (GEM_PRECISION)")
+    _add_weights_flags(g)
     g.add_argument("--depth", type=int, help="GEM depth (GEM_DEPTH, default 7)")
     g.add_argument("--ss-attn-iter", type=int, help="self-self attention iterations (GEM_SS_ATTN_ITER, default 1)")
     g.add_argument("--ss-attn-temp", type=_float_or_none, default=argparse.SUPPRESS,
