@@ -4,7 +4,7 @@ Settings come from the environment (see README). Importing this module builds th
 starts loading the model in the background; ``/health`` answers meanwhile.
 """
 
-from gem_backend.app import create_app
+from gem_backend.serving.app import create_app
 
 app = create_app()
 

@@ -32,7 +32,7 @@ for model_name in a.models.split(","):
     for dt in a.dtypes.split(","):
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[dt]
         if a.impl == "ours":
-            from gem_backend.models import load_gem_model
+            from gem_backend.algorithm.models import load_gem_model
 
             gem = load_gem_model(model_name, None, device="cuda", precision=dt).gem
             text = gem.encode_text(names)

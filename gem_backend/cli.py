@@ -109,9 +109,9 @@ def overlay(image: np.ndarray, label_map: np.ndarray, labels: list[str], present
 def cmd_predict(args) -> int:
     from PIL import Image
 
-    from .images import ImageError, load_image_file
-    from .labelstudio import BrushTarget, brush_region, prediction
-    from .service import GEMService, ModelUnavailable
+    from .labelstudio.images import ImageError, load_image_file
+    from .labelstudio.spec import BrushTarget, brush_region, prediction
+    from .serving.service import GEMService, ModelUnavailable
 
     settings = _settings_from_args(args)
     service = GEMService(settings)
@@ -181,7 +181,7 @@ def cmd_serve(args) -> int:
 
         def load(self):
             # built in each worker after the fork: no CUDA context is created before it
-            from .app import create_app
+            from .serving.app import create_app
 
             return create_app(settings)
 
@@ -197,8 +197,8 @@ def _float_or_none(value: str) -> float | None:
 
 
 def _add_eval_parser(sub) -> None:
-    from .datasets import dataset_names
-    from .evaluation import METHODS, OI_SCORES, PROTOCOLS, RESIZE_MODES
+    from .evaluation.datasets import dataset_names
+    from .evaluation.harness import METHODS, OI_SCORES, PROTOCOLS, RESIZE_MODES
 
     p = sub.add_parser("eval", help="mIoU on a public segmentation benchmark (see EVALUATION.md)",
                        description="Evaluate GEM (or vanilla CLIP) on a segmentation benchmark: mIoU, per-class "
@@ -252,9 +252,9 @@ def _add_eval_parser(sub) -> None:
 def cmd_eval(args) -> int:
     import dataclasses
 
-    from .datasets import DatasetError, read_class_names
-    from .evaluation import EvalConfig, EvalError, protocol_for, run_active_learning, run_evaluation
-    from .models import ModelLoadError, load_gem_model
+    from .evaluation.datasets import DatasetError, read_class_names
+    from .evaluation.harness import EvalConfig, EvalError, protocol_for, run_active_learning, run_evaluation
+    from .algorithm.models import ModelLoadError, load_gem_model
     from .settings import Settings, SettingsError, parse_templates
 
     try:
@@ -334,15 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval_parser(sub)
 
-    from .prelabel import add_parsers as add_prelabel
+    from .jobs.prelabel import add_parsers as add_prelabel
 
     add_prelabel(sub)  # prelabel, worker
 
-    from .learn import add_parser as add_learn
+    from .jobs.learn import add_parser as add_learn
 
     add_learn(sub)
 
-    from .bench import add_parser as add_bench
+    from .evaluation.bench import add_parser as add_bench
 
     add_bench(sub)
     return parser

@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .gem import DEFAULT_TEMPLATES
-from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED
-from .segmentation import DEFAULT_BACKGROUND_PROMPTS, SegmentationSettings
+from .algorithm.gem import DEFAULT_TEMPLATES
+from .algorithm.models import DEFAULT_MODEL, DEFAULT_PRETRAINED
+from .algorithm.segmentation import DEFAULT_BACKGROUND_PROMPTS, SegmentationSettings
 
 
 class SettingsError(ValueError):
@@ -70,7 +70,7 @@ def _parse_bool(value: str | bool) -> bool:
 
 
 def _parse_score(value: str) -> str:
-    from .segmentation import SCORE_KINDS
+    from .algorithm.segmentation import SCORE_KINDS
 
     kind = str(value).strip().lower().replace("-", "_")
     if kind not in SCORE_KINDS:
@@ -79,7 +79,7 @@ def _parse_score(value: str) -> str:
 
 
 def _parse_allowed_hosts(value: str) -> tuple[str, ...]:
-    from .images import parse_allowed_hosts
+    from .labelstudio.images import parse_allowed_hosts
 
     return parse_allowed_hosts(value)
 
@@ -237,7 +237,7 @@ class Settings:
 
     @property
     def weights_id(self) -> str:
-        from .models import weights_id
+        from .algorithm.models import weights_id
 
         return weights_id(self.pretrained)
 
@@ -266,7 +266,7 @@ class Settings:
             if f.name in ("label_studio_api_key", "basic_auth_pass") and value:
                 value = "***"
             elif f.name == "redis_url" and value:
-                from .redis_gate import redact_url
+                from .serving.redis_gate import redact_url
 
                 value = redact_url(value)
             elif dataclasses.is_dataclass(value):

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from gem_backend import cli
-from gem_backend.brush import mask2rle
-from gem_backend.prototypes import BACKGROUND_KEY, FilePrototypeStore, feature_namespace
-from gem_backend.segmentation import GEMPredictor, ImageEmbedding, SegmentationSettings
+from gem_backend.labelstudio.brush import mask2rle
+from gem_backend.serving.prototypes import BACKGROUND_KEY, FilePrototypeStore, feature_namespace
+from gem_backend.algorithm.segmentation import GEMPredictor, ImageEmbedding, SegmentationSettings
 from gem_backend.settings import Settings
 from helpers import GOLDEN, VOC_MINI, shared_path
 from test_app import captured, data_uri, loaded, make_app, make_settings, predict_body, setup_body  # noqa: F401

@@ -29,9 +29,9 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image, ImageOps
 from prometheus_client.parser import text_string_to_metric_families
 
-from gem_backend.app import MODEL_CLASS, create_app
-from gem_backend.models import load_gem_model
-from gem_backend.service import GEMService
+from gem_backend.serving.app import MODEL_CLASS, create_app
+from gem_backend.algorithm.models import load_gem_model
+from gem_backend.serving.service import GEMService
 from gem_backend.settings import Settings
 from helpers import GOLDEN, shared_path
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gem_backend.models import load_gem_model
-from gem_backend.service import GEMService
+from gem_backend.algorithm.models import load_gem_model
+from gem_backend.serving.service import GEMService
 from gem_backend.settings import Settings
 from helpers import GOLDEN
 

@@ -1,4 +1,4 @@
-"""gem_backend.brush against the Label Studio SDK's brush RLE code (the reference)."""
+"""gem_backend.labelstudio.brush against the Label Studio SDK's brush RLE code (the reference)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter import brush as sdk
 
-from gem_backend.brush import _decode_words, mask2rle, rle2mask
+from gem_backend.labelstudio.brush import _decode_words, mask2rle, rle2mask
 
 
 def _check_mask(mask: np.ndarray, sdk_decode: bool = True) -> list[int]:

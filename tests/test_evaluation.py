@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from gem_backend import cli
-from gem_backend.datasets import (COCO_STUFF_CLASSES, DATASETS, DatasetError, OpenImagesV7, get_dataset,
+from gem_backend.evaluation.datasets import (COCO_STUFF_CLASSES, DATASETS, DatasetError, OpenImagesV7, get_dataset,
                                   read_class_names, voc_palette)
-from gem_backend.evaluation import (Protocol, confusion_matrix, decide, point_metrics, point_scores, protocol_for,
+from gem_backend.evaluation.harness import (Protocol, confusion_matrix, decide, point_metrics, point_scores, protocol_for,
                                     resized_size, segmentation_metrics, sliding_windows)
 from helpers import GOLDEN, VOC_MINI, shared_path
 

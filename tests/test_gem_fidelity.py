@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gem_backend.gem import GEM, UnsupportedModelError
+from gem_backend.algorithm.gem import GEM, UnsupportedModelError
 from helpers import GOLDEN, golden_model, shared_path, tiny_clip
 
 TOL = 1e-4

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from gem_backend.images import ImageError, ImageFetcher, load_image_file, to_rgb
+from gem_backend.labelstudio.images import ImageError, ImageFetcher, load_image_file, to_rgb
 
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
 NO_LENGTH = "X-Test-No-Content-Length"
@@ -875,7 +875,7 @@ def test_through_a_proxy_the_host_is_checked_before_sending(ls, other, monkeypat
 
 
 def test_allowed_hosts_are_validated():
-    from gem_backend.images import parse_allowed_hosts
+    from gem_backend.labelstudio.images import parse_allowed_hosts
 
     assert parse_allowed_hosts(" MinIO , 10.0.0.0/8,*.corp.example, ::1,[fd00::1],,") == (
         "minio", "10.0.0.0/8", "*.corp.example", "::1", "fd00::1")

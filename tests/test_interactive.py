@@ -19,11 +19,11 @@ import torch
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
-from gem_backend.embedding_cache import EmbeddingCache, decode_embedding, embedding_key, encode_embedding
-from gem_backend.interactive import Box, Click, parse_context, select_region
-from gem_backend.regions import connected_components
-from gem_backend.segmentation import GEMPredictor, ImageEmbedding, _resize_nearest
-from gem_backend.service import GEMService
+from gem_backend.serving.feature_cache import EmbeddingCache, decode_embedding, embedding_key, encode_embedding
+from gem_backend.labelstudio.interactive import Box, Click, parse_context, select_region
+from gem_backend.algorithm.regions import connected_components
+from gem_backend.algorithm.segmentation import GEMPredictor, ImageEmbedding, _resize_nearest
+from gem_backend.serving.service import GEMService
 from helpers import shared_path
 from test_app import data_uri, decoded_mask, loaded, make_app, make_settings, metric, setup_body  # noqa: F401
 from test_regions import rasterize
@@ -504,7 +504,7 @@ def test_polygon_tolerance_and_min_area(tmp_path, loaded, photo_uri):
 
 
 def test_parse_labeling_config_finds_every_control():
-    from gem_backend.labelstudio import (BrushTarget, ChoicesTarget, LabelConfigError, PolygonTarget,
+    from gem_backend.labelstudio.spec import (BrushTarget, ChoicesTarget, LabelConfigError, PolygonTarget,
                                          RectangleTarget, TextPromptTarget, parse_label_config,
                                          parse_labeling_config)
 

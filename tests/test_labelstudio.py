@@ -8,7 +8,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
-from gem_backend.labelstudio import (
+from gem_backend.labelstudio.spec import (
     BrushTarget,
     LabelConfigError,
     brush_region,
@@ -245,16 +245,16 @@ def test_rle_roundtrip_shapes(shape, fill):
 
 
 def test_uses_gem_backend_brush_when_present(monkeypatch):
-    fake = types.ModuleType("gem_backend.brush")
+    fake = types.ModuleType("gem_backend.labelstudio.brush")
     fake.mask2rle = lambda mask: [7, 7, 7]
-    monkeypatch.setitem(sys.modules, "gem_backend.brush", fake)
+    monkeypatch.setitem(sys.modules, "gem_backend.labelstudio.brush", fake)
     assert brush_region(_mask(), "cat", _target(), 0.5)["value"]["rle"] == [7, 7, 7]
 
 
 def test_falls_back_to_sdk_encoder_without_gem_backend_brush(monkeypatch):
     from label_studio_sdk.converter.brush import mask2rle
 
-    monkeypatch.setitem(sys.modules, "gem_backend.brush", None)  # import now fails
+    monkeypatch.setitem(sys.modules, "gem_backend.labelstudio.brush", None)  # import now fails
     mask = _mask(31, 17)
     assert brush_region(mask, "cat", _target(), 0.5)["value"]["rle"] == list(mask2rle(mask))
 

@@ -1,4 +1,4 @@
-"""gem_backend.models: building GEM models from names/configs and weights sources."""
+"""gem_backend.algorithm.models: building GEM models from names/configs and weights sources."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gem_backend import models
-from gem_backend.gem import GEM
-from gem_backend.models import (
+from gem_backend.algorithm import models
+from gem_backend.algorithm.gem import GEM
+from gem_backend.algorithm.models import (
     LoadedModel,
     ModelLoadError,
     _is_torchscript,

@@ -205,7 +205,7 @@ def connected_backend(label_studio, tmp_path_factory):
     for connecting to projects; yields its URL."""
     from werkzeug.serving import make_server
 
-    from gem_backend.app import create_app
+    from gem_backend.serving.app import create_app
     from gem_backend.settings import Settings
 
     settings = Settings.from_env({**GEM_ENV, "GEM_STATE_DIR": str(tmp_path_factory.mktemp("state"))})
@@ -280,7 +280,7 @@ def _assert_one_each(ls: LabelStudio, pid: int, version: str, tasks=None) -> Non
 
 # ----------------------------------------------------------------------------------- unit parts
 def test_parse_ids():
-    from gem_backend.prelabel import PrelabelError, parse_ids
+    from gem_backend.jobs.prelabel import PrelabelError, parse_ids
 
     assert parse_ids("3, 1,5-7 3") == [3, 1, 5, 6, 7]
     for bad in ("", "a", "5-3", "1,,x"):
@@ -291,8 +291,8 @@ def test_parse_ids():
 def test_recorded_done_is_never_downgraded(redis_url):
     import redis
 
-    from gem_backend.prelabel import Outcome
-    from gem_backend.worker import RunKeys, record_outcome
+    from gem_backend.jobs.prelabel import Outcome
+    from gem_backend.jobs.worker import RunKeys, record_outcome
 
     client = redis.Redis.from_url(redis_url)
     record_outcome(client, "r1", Outcome(5, "failed", "timeout"))
@@ -336,7 +336,7 @@ def test_single_process_prelabels_every_task_once_and_rerun_stores_nothing(label
     assert "0 done, 32 skipped" in capsys.readouterr().out
     _assert_one_each(ls, pid, version, tasks)
 
-    from gem_backend.prelabel import LabelStudioAPI
+    from gem_backend.jobs.prelabel import LabelStudioAPI
 
     api = LabelStudioAPI(ls.url, TOKEN)  # pagination: 7 pages of 5
     assert [t["id"] for t in api.iter_tasks(pid, page_size=5)] == tasks
@@ -418,9 +418,9 @@ def test_concurrent_stores_of_one_task_store_it_once(label_studio, redis_url):
     all): both pass the first check, the per-task lock and the re-check keep one store."""
     import redis
 
-    from gem_backend.labelstudio import prediction
-    from gem_backend.prelabel import LabelStudioAPI, TaskLocks, Target, predict_and_store
-    from gem_backend.service import GEMService
+    from gem_backend.labelstudio.spec import prediction
+    from gem_backend.jobs.prelabel import LabelStudioAPI, TaskLocks, Target, predict_and_store
+    from gem_backend.serving.service import GEMService
     from gem_backend.settings import Settings
 
     ls = label_studio
@@ -515,7 +515,7 @@ def test_queue_with_two_workers_one_killed_mid_run(label_studio, slow_ls, redis_
     from rq.worker import Worker
 
     from gem_backend.settings import Settings
-    from gem_backend.worker import _serializer
+    from gem_backend.jobs.worker import _serializer
 
     ls = label_studio
     pid, tasks = ls.project(32)

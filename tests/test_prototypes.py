@@ -1,4 +1,4 @@
-"""gem_backend.prototypes: masks -> patch sums, exact add/update/delete arithmetic in every store
+"""gem_backend.serving.prototypes: masks -> patch sums, exact add/update/delete arithmetic in every store
 (memory, files, a real Redis), per-project isolation, tombstones, the blend and its weight, the
 coarse digest, and annotation results (RLE round trip with our encoder, polygons, malformed ones)."""
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from gem_backend.brush import mask2rle
-from gem_backend.prototypes import (BACKGROUND_KEY, FIXED_POINT, Contribution, FilePrototypeStore, LabelSum,
+from gem_backend.labelstudio.brush import mask2rle
+from gem_backend.serving.prototypes import (BACKGROUND_KEY, FIXED_POINT, Contribution, FilePrototypeStore, LabelSum,
                                     MemoryPrototypeStore, RedisPrototypeStore, active_prototypes, apply_contribution,
                                     blend_weight, contribution_from_masks, grid_fractions, prototype_digest,
                                     result_masks)
-from gem_backend.segmentation import ImageEmbedding, SegmentationSettings, blend_prototypes
+from gem_backend.algorithm.segmentation import ImageEmbedding, SegmentationSettings, blend_prototypes
 
 D = 8
 

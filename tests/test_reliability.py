@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gem_backend import service as service_module
-from gem_backend.text_cache import TextEmbeddingCache
+from gem_backend.serving import service as service_module
+from gem_backend.serving.text_cache import TextEmbeddingCache
 from helpers import GOLDEN, shared_path
 from test_app import (
     API_KEY,
@@ -60,7 +60,7 @@ from test_images import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-SERVICE_LOG = "gem_backend.service"
+SERVICE_LOG = "gem_backend.serving.service"
 
 
 # --------------------------------------------------------------------------- a fake Label Studio
@@ -314,7 +314,7 @@ import torch
 from PIL import Image
 sys.path.insert(0, sys.argv[1])
 from helpers import GOLDEN
-from gem_backend.service import GEMService
+from gem_backend.serving.service import GEMService
 from gem_backend.settings import Settings
 
 def status(key):
@@ -402,7 +402,7 @@ def test_1000_labels_and_a_12_megapixel_image_stay_within_memory(tmp_path):
 
 
 def test_decision_over_many_prompts_in_chunks_equals_the_full_softmax(loaded):  # noqa: F811
-    from gem_backend.segmentation import DECISION_CHUNK, GEMPredictor, SegmentationSettings
+    from gem_backend.algorithm.segmentation import DECISION_CHUNK, GEMPredictor, SegmentationSettings
 
     image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     labels = [f"thing {i}" for i in range(DECISION_CHUNK * 2 + 5)]

@@ -1,4 +1,4 @@
-"""gem_backend.segmentation: input sizing, the decision rule and the predictor API.
+"""gem_backend.algorithm.segmentation: input sizing, the decision rule and the predictor API.
 
 The golden reference CLIP (tests/helpers.golden_model) has fixed random weights: the masks
 mean nothing semantically, but every decision is deterministic, so the rule itself (softmax
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gem_backend.segmentation import (
+from gem_backend.algorithm.segmentation import (
     DEFAULT_BACKGROUND_PROMPTS,
     GEMPredictor,
     SegmentationSettings,
@@ -35,8 +35,8 @@ def loaded():
     """The golden CLIP wrapped in GEM, as load_gem_model would return it (CPU, float32)."""
     import open_clip
 
-    from gem_backend.gem import GEM
-    from gem_backend.models import LoadedModel
+    from gem_backend.algorithm.gem import GEM
+    from gem_backend.algorithm.models import LoadedModel
 
     model = golden_model()
     return LoadedModel(gem=GEM(model), model_name="golden", pretrained="golden", weights_id="golden",

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gem_backend.gem import DEFAULT_TEMPLATES
-from gem_backend.segmentation import DEFAULT_BACKGROUND_PROMPTS, SegmentationSettings
+from gem_backend.algorithm.gem import DEFAULT_TEMPLATES
+from gem_backend.algorithm.segmentation import DEFAULT_BACKGROUND_PROMPTS, SegmentationSettings
 from gem_backend.settings import Settings, SettingsError, openai_templates, parse_extra_params, parse_templates
 
 API_KEY = "ls-token-0123456789abcdef"
@@ -115,7 +115,7 @@ def test_bad_values_name_the_variable(name, value):
 
 
 def test_allowed_hosts_reach_the_image_fetcher():
-    from gem_backend.service import GEMService
+    from gem_backend.serving.service import GEMService
 
     s = Settings.from_env({"GEM_ALLOWED_HOSTS": "minio, 10.0.0.0/8 ,*.corp.example,fd00::1"})
     assert s.allowed_hosts == ("minio", "10.0.0.0/8", "*.corp.example", "fd00::1")

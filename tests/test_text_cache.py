@@ -1,4 +1,4 @@
-"""Tests of gem_backend.text_cache (LRU alone, and with a local redis-server)."""
+"""Tests of gem_backend.serving.text_cache (LRU alone, and with a local redis-server)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import redis
 
-from gem_backend.text_cache import TextEmbeddingCache, redact_url
+from gem_backend.serving.text_cache import TextEmbeddingCache, redact_url
 
 D = 8
 NS = "ViT-B-16|openai|templates-v1"
-LOGGER = "gem_backend.text_cache"
+LOGGER = "gem_backend.serving.text_cache"
 
 
 def vec_for(label: str) -> np.ndarray:

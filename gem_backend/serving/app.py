@@ -17,9 +17,9 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .learn import Learner
+from ..jobs.learn import Learner
 from .service import GEMService, ModelUnavailable, RequestError
-from .settings import Settings, SettingsError, parse_extra_params
+from ..settings import Settings, SettingsError, parse_extra_params
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
-from .images import ImageError
-from .prototypes import AnnotationError, _annotation_key, _project_key, contribution_for_annotation
-from .service import GEMService, ModelUnavailable, RequestError
+from ..labelstudio.images import ImageError
+from ..serving.prototypes import AnnotationError, _annotation_key, _project_key, contribution_for_annotation
+from ..serving.service import GEMService, ModelUnavailable, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def learn_project(service: GEMService, api, project: int, *, extra_params: Any =
 
 def add_parser(sub) -> None:
     """Register ``learn`` on the ``gem-backend`` subcommand parser."""
-    from .cli import _add_model_flags
+    from ..cli import _add_model_flags
 
     p = sub.add_parser(
         "learn", help="learn a project's label prototypes from its existing annotations (active learning)",
@@ -277,7 +277,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_learn(args) -> int:
-    from .cli import _settings_from_args
+    from ..cli import _settings_from_args
     from .prelabel import LabelStudioAPI, PrelabelError
 
     settings = _settings_from_args(args)

@@ -167,7 +167,7 @@ _REMOTE = ("loveda", "potsdam", "vaihingen", "isaid")
 
 def protocol_for(name: str, dataset: str) -> Protocol:
     """The preset ``name`` (``gem``, ``sclip``, ``clearclip``) for ``dataset``."""
-    from .settings import openai_templates
+    from ..settings import openai_templates
 
     name = name.lower()
     if name == "gem":
@@ -789,8 +789,8 @@ def run_active_learning(cfg: EvalConfig, loaded, ks: Sequence[int] = AL_KS, stre
     Needs a one-pass protocol (``crop`` 0, sides multiple of the patch: ``--resize square``).
     Writes ``active_learning.json`` and ``active_learning.md`` to ``cfg.out_dir``.
     """
-    from .prototypes import MemoryPrototypeStore, active_prototypes, contribution_from_masks
-    from .segmentation import ImageEmbedding, SegmentationSettings, blend_prototypes
+    from ..serving.prototypes import MemoryPrototypeStore, active_prototypes, contribution_from_masks
+    from ..algorithm.segmentation import ImageEmbedding, SegmentationSettings, blend_prototypes
 
     spec = get_dataset(cfg.dataset)
     if spec.kind == "points":

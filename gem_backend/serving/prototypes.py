@@ -62,8 +62,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .brush import rle2mask
-from .segmentation import BACKGROUND_KEY, ImageEmbedding, SegmentationSettings
+from ..labelstudio.brush import rle2mask
+from ..algorithm.segmentation import BACKGROUND_KEY, ImageEmbedding, SegmentationSettings
 
 log = logging.getLogger(__name__)
 

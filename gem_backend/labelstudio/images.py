@@ -556,7 +556,7 @@ class ImageFetcher:
         self._access_exp: float | None = None
         self._token_lock = threading.Lock()
 
-        from gem_backend import __version__
+        from ..version import __version__
 
         self.guard = AddressGuard(parse_allowed_hosts(allowed_hosts),
                                   [self._ls_origin] if self._ls_origin else [])

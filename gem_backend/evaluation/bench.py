@@ -56,7 +56,7 @@ def peak_rss_mb() -> float:
 
 
 def build_model(model: str, precision: str, device: str):
-    from .models import load_gem_model
+    from ..algorithm.models import load_gem_model
 
     return load_gem_model(model, None, device=device, precision=precision)
 
@@ -78,8 +78,8 @@ def bench_forward(loaded, size: int, batch: int, labels: int, runs: int, warmup:
 
 
 def bench_text(loaded, labels: int = 20, templates: int = 80) -> dict:
-    from .settings import openai_templates
-    from .text_cache import TextEmbeddingCache
+    from ..settings import openai_templates
+    from ..serving.text_cache import TextEmbeddingCache
 
     gem = loaded.gem
     tpl = openai_templates()[:templates]
@@ -118,9 +118,9 @@ def _synthetic_photo(width: int = 4000, height: int = 3000, seed: int = 0) -> by
 
 def bench_e2e(loaded, labels: int = 20, runs: int = 2) -> dict:
     """One task as /predict does it, stage by stage, on a 12 MP JPEG."""
-    from .images import _decode, original_size
-    from .labelstudio import BrushTarget, brush_region, prediction
-    from .segmentation import GEMPredictor, ImageEmbedding, SegmentationSettings
+    from ..labelstudio.images import _decode, original_size
+    from ..labelstudio.spec import BrushTarget, brush_region, prediction
+    from ..algorithm.segmentation import GEMPredictor, ImageEmbedding, SegmentationSettings
 
     data = _synthetic_photo()
     names = [f"label {i}" for i in range(labels)]
@@ -173,8 +173,8 @@ def bench_click(loaded, labels: int = 10, runs: int = 3, clicks: int = 5) -> dic
     """First vs repeated interactive click on a 12 MP JPEG, as ``/predict`` answers it."""
     import base64
 
-    from .service import GEMService
-    from .settings import Settings
+    from ..serving.service import GEMService
+    from ..settings import Settings
 
     data = _synthetic_photo()
     names = [f"label {i}" for i in range(labels)]
@@ -225,7 +225,7 @@ def bench_click(loaded, labels: int = 10, runs: int = 3, clicks: int = 5) -> dic
 def bench_rle(runs: int = 3) -> list[dict]:
     from label_studio_sdk.converter.brush import mask2rle as sdk_mask2rle
 
-    from .brush import mask2rle
+    from ..labelstudio.brush import mask2rle
 
     rng = np.random.default_rng(0)
     h, w = 3000, 4000
@@ -394,8 +394,8 @@ def compare_reference(venv: str, model: str = "ViT-B-16", size: int = 448, label
     """
     import tempfile
 
-    from .gem import GEM
-    from .models import load_gem_model
+    from ..algorithm.gem import GEM
+    from ..algorithm.models import load_gem_model
 
     python = Path(venv) / "bin" / "python"
     if not python.exists():

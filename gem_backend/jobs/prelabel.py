@@ -45,9 +45,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import requests
 
-from .images import ImageError, ImageFetcher
-from .service import GEMService, ProjectSpec, RequestError, check_tasks
-from .settings import SettingsError, parse_extra_params
+from ..labelstudio.images import ImageError, ImageFetcher
+from ..serving.service import GEMService, ProjectSpec, RequestError, check_tasks
+from ..settings import SettingsError, parse_extra_params
 
 log = logging.getLogger(__name__)
 
@@ -699,7 +699,7 @@ def run_local(service: GEMService, api: LabelStudioAPI, target: Target, selectio
 # ----------------------------------------------------------------------------------- CLI
 def add_parsers(sub) -> None:
     """Register ``prelabel`` and ``worker`` on the ``gem-backend`` subcommand parser."""
-    from .cli import _add_model_flags
+    from ..cli import _add_model_flags
 
     p = sub.add_parser(
         "prelabel", help="pre-annotate a Label Studio project through its API (resumable; --queue for workers)",
@@ -748,7 +748,7 @@ def _redis(url: str | None, what: str):
     try:
         client.ping()
     except redis.RedisError as err:
-        from .redis_gate import redact_url
+        from ..serving.redis_gate import redact_url
 
         hint = "" if what == "--queue" or "worker" in what else " (unset REDIS_URL to run without task locks)"
         raise PrelabelError(f"Redis at {redact_url(url)} is unreachable{hint}: {type(err).__name__}: {err}") from None
@@ -756,7 +756,7 @@ def _redis(url: str | None, what: str):
 
 
 def cmd_prelabel(args) -> int:
-    from .cli import _settings_from_args
+    from ..cli import _settings_from_args
 
     settings = _settings_from_args(args)
     settings = settings.replace(label_studio_url=args.ls_url or settings.label_studio_url,
@@ -782,7 +782,7 @@ def _finish(summary: Summary, args) -> int:
 
 
 def _prelabel(args, settings) -> int:
-    from .service import ModelUnavailable
+    from ..serving.service import ModelUnavailable
 
     if args.follow:
         from .worker import follow_run

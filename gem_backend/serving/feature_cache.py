@@ -34,7 +34,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from .segmentation import ImageEmbedding, SegmentationSettings
+from ..algorithm.segmentation import ImageEmbedding, SegmentationSettings
 from .redis_gate import RedisGate
 
 logger = logging.getLogger(__name__)

@@ -237,8 +237,8 @@ def _process_state() -> tuple[Any, LabelStudioAPI]:
     from the environment on first use (a plain ``rq worker`` also works)."""
     with _state_lock:
         if "service" not in _state:
-            from .service import GEMService
-            from .settings import Settings
+            from ..serving.service import GEMService
+            from ..settings import Settings
 
             settings = Settings.from_env()
             _state["service"] = GEMService(settings)
@@ -260,7 +260,7 @@ def run_batch(run: str, target: Mapping, tasks: list[dict]) -> dict:
     if job is not None:
         connection = job.connection
     else:  # called directly (tests, debugging)
-        from .settings import Settings
+        from ..settings import Settings
 
         connection = _redis(Settings.from_env().redis_url, "run_batch")
     service, api = _process_state()
@@ -328,7 +328,7 @@ def _worker_class():
 
 
 def add_worker_parser(sub) -> None:
-    from .cli import _add_model_flags
+    from ..cli import _add_model_flags
 
     p = sub.add_parser(
         "worker", help="run queued pre-labeling jobs (RQ worker; needs REDIS_URL)",
@@ -355,8 +355,8 @@ def add_worker_parser(sub) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .cli import _settings_from_args
-    from .service import GEMService, ModelUnavailable
+    from ..cli import _settings_from_args
+    from ..serving.service import GEMService, ModelUnavailable
 
     settings = _settings_from_args(args)
     settings = settings.replace(label_studio_url=args.ls_url or settings.label_studio_url,

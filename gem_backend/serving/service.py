@@ -19,17 +19,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .embedding_cache import EmbeddingCache, embedding_key, image_namespace
-from .images import ImageError, ImageFetcher, _decode, original_size
-from .interactive import InteractiveContext, parse_context, select_region
-from .labelstudio import (BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget,
+from .feature_cache import EmbeddingCache, embedding_key, image_namespace
+from ..labelstudio.images import ImageError, ImageFetcher, _decode, original_size
+from ..labelstudio.interactive import InteractiveContext, parse_context, select_region
+from ..labelstudio.spec import (BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget,
                           TextPromptTarget, brush_region, choices_region, match_label, parse_labeling_config,
                           polygon_region, prediction, rectangle_region)
 from .metrics import Metrics
-from .regions import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
-from .segmentation import (BACKGROUND_KEY, GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings,
+from ..algorithm.regions import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
+from ..algorithm.segmentation import (BACKGROUND_KEY, GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings,
                            _resize_nearest)
-from .settings import Settings, SettingsError
+from ..settings import Settings, SettingsError
 from .text_cache import TextEmbeddingCache
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class GEMService:
             if self._loaded is None:
                 if self._load_error:
                     raise ModelUnavailable(self._load_error)
-                from .models import load_gem_model
+                from ..algorithm.models import load_gem_model
 
                 s = self.settings
                 started = time.perf_counter()

@@ -389,7 +389,7 @@ def _finite_score(score: Any, what: str) -> float:
 
 def _mask2rle(mask: np.ndarray) -> list[int]:
     try:
-        from gem_backend.brush import mask2rle
+        from .brush import mask2rle
     except ModuleNotFoundError as exc:
         # gem_backend.brush is being written in parallel; only its absence falls back
         if exc.name != "gem_backend.brush":
