@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .options import add_model_flags, add_weights_flags, settings_from_args
+
 log = logging.getLogger("gem_backend")
 
 # distinct colours for label maps and overlays (index 0 = background, black)
@@ -36,47 +38,6 @@ def palette(n: int) -> np.ndarray:
         return _PALETTE[:n]
     rng = np.random.default_rng(0)
     return np.concatenate([_PALETTE, rng.integers(40, 256, size=(n - len(_PALETTE), 3), dtype=np.uint8)])
-
-
-def _settings_from_args(args):
-    from .settings import Settings, SettingsError
-
-    env = dict(os.environ)
-    for flag, name in (("model", "GEM_MODEL"), ("pretrained", "GEM_PRETRAINED"), ("device", "GEM_DEVICE"),
-                       ("precision", "GEM_PRECISION"), ("threshold", "GEM_THRESHOLD"),
-                       ("min_area", "GEM_MIN_AREA"), ("background_prompts", "GEM_BACKGROUND_PROMPTS"),
-                       ("templates", "GEM_TEMPLATES"), ("input_size", "GEM_INPUT_SIZE"),
-                       ("logit_scale", "GEM_LOGIT_SCALE"), ("port", "PORT"), ("host", "HOST"),
-                       ("workers", "WORKERS"), ("threads", "THREADS")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            env[name] = str(value)
-    if getattr(args, "square", False):
-        env["GEM_SQUARE"] = "1"
-    try:
-        return Settings.from_env(env)
-    except SettingsError as err:
-        raise SystemExit(f"gem-backend: {err}")
-
-
-def _add_weights_flags(g) -> None:
-    """Which model, which weights, where and in what precision: the same flags everywhere."""
-    g.add_argument("--model", help="open_clip model name or config JSON path (GEM_MODEL)")
-    g.add_argument("--pretrained", help="pretrained tag, weights file, or 'none' (GEM_PRETRAINED)")
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (GEM_DEVICE)")
-    g.add_argument("--precision", help="auto, fp32, bf16, fp16 (GEM_PRECISION)")
-
-
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and segmentation (default: GEM_* environment variables)")
-    _add_weights_flags(g)
-    g.add_argument("--threshold", type=float, help="background probability threshold; 0 = off (GEM_THRESHOLD)")
-    g.add_argument("--min-area", type=float, help="drop labels under this image fraction (GEM_MIN_AREA)")
-    g.add_argument("--background-prompts", help="comma-separated; '' for none (GEM_BACKGROUND_PROMPTS)")
-    g.add_argument("--templates", help="'openai' or '|'-separated format strings (GEM_TEMPLATES)")
-    g.add_argument("--input-size", type=int, help="short side of the model input (GEM_INPUT_SIZE)")
-    g.add_argument("--logit-scale", type=float, help="softmax temperature multiplier (GEM_LOGIT_SCALE)")
-    g.add_argument("--square", action="store_true", help="square input like the reference (GEM_SQUARE)")
 
 
 # ---------------------------------------------------------------------------------- predict
@@ -110,10 +71,11 @@ def cmd_predict(args) -> int:
     from PIL import Image
 
     from .labelstudio.images import ImageError, load_image_file
-    from .labelstudio.spec import BrushTarget, brush_region, prediction
+    from .labelstudio.spec import BrushTarget
+    from .labelstudio.results import brush_region, prediction
     from .serving.service import GEMService, ModelUnavailable
 
-    settings = _settings_from_args(args)
+    settings = settings_from_args(args)
     service = GEMService(settings)
     try:
         service.load()
@@ -167,7 +129,7 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from gunicorn.app.base import BaseApplication
 
-    settings = _settings_from_args(args)
+    settings = settings_from_args(args)
 
     class _Server(BaseApplication):
         def load_config(self):
@@ -217,7 +179,7 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--batch-size", type=int, default=8, help="sliding windows per forward pass (default 8)")
     g = p.add_argument_group("model (default: GEM_* environment variables)")
-    _add_weights_flags(g)
+    add_weights_flags(g)
     g.add_argument("--depth", type=int, help="GEM depth (GEM_DEPTH, default 7)")
     g.add_argument("--ss-attn-iter", type=int, help="self-self attention iterations (GEM_SS_ATTN_ITER, default 1)")
     g.add_argument("--ss-attn-temp", type=_float_or_none, default=argparse.SUPPRESS,
@@ -321,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="output folder (default ./out)")
     p.add_argument("--from-name", default="tag", help="BrushLabels name in the JSON (default tag)")
     p.add_argument("--to-name", default="image", help="Image name in the JSON (default image)")
-    _add_model_flags(p)
+    add_model_flags(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", help="run the Label Studio ML backend with gunicorn")
@@ -329,12 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--threads", type=int)
-    _add_model_flags(p)
+    add_model_flags(p)
     p.set_defaults(func=cmd_serve)
 
     _add_eval_parser(sub)
 
-    from .jobs.prelabel import add_parsers as add_prelabel
+    from .jobs.commands import add_parsers as add_prelabel
 
     add_prelabel(sub)  # prelabel, worker
 

@@ -28,12 +28,9 @@ one ``POST /api/predictions`` per task on instances without it).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import re
 import secrets
 import signal
@@ -43,16 +40,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import requests
 
-from ..labelstudio.images import ImageError, ImageFetcher
+from ..labelstudio.api import LabelStudioAPI, LabelStudioError
+from ..labelstudio.images import ImageError
 from ..serving.service import GEMService, ProjectSpec, RequestError, check_tasks
+from ..redaction import redact_url
 from ..settings import SettingsError, parse_extra_params
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_PAGE_SIZE = 500
 LOCK_TTL_S = 120        # > connect + read timeout of one store request, so a live holder never loses it
 LOCK_WAIT_S = 150       # > LOCK_TTL_S: a lock left by a killed process has expired by then
 _LOCK_PREFIX = "gem:prelabel:lock:"
@@ -63,161 +60,6 @@ EXIT_OK, EXIT_FAILED_TASKS, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 class PrelabelError(RuntimeError):
     """The run cannot start or go on (bad project, settings, Label Studio or Redis); the message
     says what to do. The CLI prints it and exits with status 2."""
-
-
-class LabelStudioError(PrelabelError):
-    """A Label Studio API call failed; ``status`` is the HTTP status (None: no reply)."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-# ----------------------------------------------------------------------------------- API client
-class LabelStudioAPI:
-    """The few Label Studio API calls of a pre-labeling run.
-
-    ``api_key`` is a legacy token or a personal access token: authentication is the one of
-    :class:`ImageFetcher` (``Token`` header, or the PAT exchanged for short-lived access tokens,
-    refreshed on a 401), so the backend, the workers and this client accept the same keys.
-    Idempotent GETs are retried on connection errors and 502/503/504; writes are not (a retry
-    could store twice: the callers re-check instead).
-    """
-
-    def __init__(self, url: str | None, api_key: str | None, timeout: tuple[float, float] = (5.0, 60.0)):
-        if not url:
-            raise PrelabelError("no Label Studio URL: set LABEL_STUDIO_URL or pass --ls-url")
-        if not api_key:
-            raise PrelabelError("no Label Studio API key: set LABEL_STUDIO_API_KEY or pass --api-key "
-                                "(Account & Settings > Personal Access Token, or a legacy token)")
-        try:
-            self._auth = ImageFetcher(url, api_key, timeout=timeout)
-        except ValueError as err:
-            raise PrelabelError(str(err)) from None
-        self.url = self._auth.label_studio_url
-        self.timeout = timeout
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = self._auth.session.headers["User-Agent"]
-        retry = requests.adapters.Retry(total=3, backoff_factor=0.5, status_forcelist=(502, 503, 504),
-                                        allowed_methods=frozenset({"GET"}), raise_on_status=False)
-        for scheme in ("http://", "https://"):
-            self.session.mount(scheme, requests.adapters.HTTPAdapter(max_retries=retry))
-
-    def close(self) -> None:
-        self.session.close()
-        self._auth.close()
-
-    def request(self, method: str, path: str, *, params: Mapping | None = None, body: Any = None,
-                ok: Sequence[int] = (200, 201)) -> Any:
-        """``method path`` -> decoded JSON reply (None if empty); raises :class:`LabelStudioError`."""
-        url = self.url + path
-        resp = None
-        for attempt in (0, 1):
-            try:
-                headers = self._auth._auth_header(force_refresh=attempt == 1)
-            except ImageError as err:  # the PAT exchange failed; the message has no secrets
-                raise LabelStudioError(str(err)) from None
-            try:
-                resp = self.session.request(method, url, params=params, json=body, headers=headers,
-                                            timeout=self.timeout)
-            except requests.RequestException as err:
-                raise LabelStudioError(f"{method} {path}: {type(err).__name__}: is Label Studio running "
-                                       f"at {self.url}?") from None
-            if resp.status_code == 401 and attempt == 0 and self._auth.auth_mode == "pat":
-                continue  # the cached access token may have expired early: one fresh exchange
-            break
-        if resp.status_code not in ok:
-            hint = ""
-            if resp.status_code == 401:
-                hint = " (is LABEL_STUDIO_API_KEY a valid key of this instance?)"
-            elif resp.status_code == 404 and path.startswith("/api/projects/"):
-                hint = " (no such project, or no access to it)"
-            raise LabelStudioError(f"{method} {path} -> HTTP {resp.status_code}{hint}: "
-                                   f"{self._auth._scrub(resp.text[:300])}", status=resp.status_code)
-        if not resp.content:
-            return None
-        try:
-            return resp.json()
-        except ValueError:
-            raise LabelStudioError(f"{method} {path}: the reply is not JSON "
-                                   f"(is {self.url} a Label Studio?)", status=resp.status_code) from None
-
-    # -- reads --------------------------------------------------------------------------
-    def project(self, project: int) -> dict:
-        return self.request("GET", f"/api/projects/{project}")
-
-    def ml_backends(self, project: int) -> list[dict]:
-        body = self.request("GET", "/api/ml", params={"project": project})
-        return body if isinstance(body, list) else (body or {}).get("results", [])
-
-    def iter_tasks(self, project: int, *, view: int | None = None, query: Mapping | None = None,
-                   page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[dict]:
-        """Tasks of the project (or of a Data Manager view / query) in Data Manager order.
-
-        Each task is ``{"id": int, "data": {...}, ...}`` without predictions or annotations
-        (``fields=task_only``), with its data as stored (``resolve_uri=false``), as Label Studio
-        sends tasks to ``/predict``.
-        """
-        page, seen = 1, 0
-        while True:
-            params: dict[str, Any] = {"project": project, "page": page, "page_size": page_size,
-                                      "fields": "task_only", "resolve_uri": "false"}
-            if view is not None:
-                params["view"] = view
-            if query is not None:
-                params["query"] = json.dumps(query)
-            try:
-                body = self.request("GET", "/api/tasks", params=params)
-            except LabelStudioError as err:
-                if err.status == 404 and page > 1:  # past the last page ("Invalid page.")
-                    return
-                raise
-            tasks = (body or {}).get("tasks") or []
-            yield from tasks
-            seen += len(tasks)
-            total = (body or {}).get("total")
-            # "total" counts the selection; an instance may cap page_size (TASK_API_PAGE_SIZE_MAX)
-            if not tasks or (seen >= total if isinstance(total, int) else len(tasks) < page_size):
-                return
-            page += 1
-
-    def task_ids_with_version(self, project: int, model_version: str) -> set[int]:
-        """Ids of the tasks holding a prediction whose model_version contains ``model_version``.
-
-        A Data Manager filter (substring match, so a prefilter: callers re-check exactly
-        before storing).
-        """
-        query = {"filters": {"conjunction": "and", "items": [{
-            "filter": "filter:tasks:predictions_model_versions", "operator": "contains",
-            "type": "List", "value": [model_version]}]}}
-        return {int(t["id"]) for t in self.iter_tasks(project, query=query)}
-
-    def task_predictions(self, task: int) -> list[dict]:
-        body = self.request("GET", "/api/predictions", params={"task": task})
-        return body if isinstance(body, list) else (body or {}).get("results", [])
-
-    def has_version(self, task: int, model_version: str) -> bool:
-        """Exact check: does the task hold a prediction of ``model_version`` now?"""
-        return any(p.get("model_version") == model_version for p in self.task_predictions(task))
-
-    # -- writes -------------------------------------------------------------------------
-    def import_predictions(self, project: int, predictions: list[dict]) -> int | None:
-        """Bulk store ``[{"task": id, "result": [...], "score": s, "model_version": v}]``.
-
-        Returns the number Label Studio created, or None when this instance has no bulk
-        endpoint (then use :meth:`create_prediction`). A 400 (one item refused: all are)
-        raises :class:`LabelStudioError`.
-        """
-        try:
-            body = self.request("POST", f"/api/projects/{project}/import/predictions", body=predictions)
-        except LabelStudioError as err:
-            if err.status in (404, 405):
-                return None
-            raise
-        return int((body or {}).get("created", 0))
-
-    def create_prediction(self, prediction: dict) -> dict:
-        return self.request("POST", "/api/predictions", body=prediction)
 
 
 # ----------------------------------------------------------------------------------- locks
@@ -611,7 +453,8 @@ def progress_bar(total: int, enabled: bool, desc: str = "prelabel"):
                 dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
 
 
-def _postfix(bar, summary: Summary) -> None:
+def show_counts(bar, summary: Summary) -> None:
+    """Put the run's done/skipped/failed counts on its progress bar."""
     bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=len(summary.failed), refresh=False)
 
 
@@ -669,7 +512,7 @@ def run_local(service: GEMService, api: LabelStudioAPI, target: Target, selectio
             seen += 1
             summary.add(outcome)
             bar.update(1)
-            _postfix(bar, summary)
+            show_counts(bar, summary)
 
         try:
             for start in range(0, len(pending), batch_size):
@@ -681,7 +524,7 @@ def run_local(service: GEMService, api: LabelStudioAPI, target: Target, selectio
         except KeyboardInterrupt:
             summary.interrupted = True
             bar.write("stopped during a batch: its tasks are checked again on the next run")
-        except PrelabelError as err:  # Label Studio unreachable, a lock never freed: keep what is done
+        except (PrelabelError, LabelStudioError) as err:  # Label Studio unreachable, a lock never freed: keep what is done
             summary.error = str(err)
         except Exception as err:
             import redis
@@ -696,50 +539,9 @@ def run_local(service: GEMService, api: LabelStudioAPI, target: Target, selectio
     return summary
 
 
-# ----------------------------------------------------------------------------------- CLI
-def add_parsers(sub) -> None:
-    """Register ``prelabel`` and ``worker`` on the ``gem-backend`` subcommand parser."""
-    from ..cli import _add_model_flags
-
-    p = sub.add_parser(
-        "prelabel", help="pre-annotate a Label Studio project through its API (resumable; --queue for workers)",
-        description="Predict the tasks of a Label Studio project and store the predictions through its API, "
-                    "in batches, skipping tasks that already hold this model_version (rerun to resume). "
-                    "Exit status: 0 all done or skipped, 1 some tasks failed, 2 error, 130 interrupted.")
-    p.add_argument("--project", type=int, help="Label Studio project id (required unless --follow)")
-    p.add_argument("--ls-url", help="Label Studio URL (default LABEL_STUDIO_URL)")
-    p.add_argument("--api-key", help="Label Studio legacy token or personal access token (default LABEL_STUDIO_API_KEY)")
-    g = p.add_argument_group("which tasks")
-    g.add_argument("--ids", help="task ids and ranges, e.g. 1,2,10-20")
-    g.add_argument("--view", type=int, help="Data Manager view (tab) id: its filters select the tasks")
-    g.add_argument("--limit", type=int, help="predict at most N tasks that still need a prediction")
-    g = p.add_argument_group("settings (default: those of the project's connected ML backend)")
-    g.add_argument("--extra-params", help="JSON object of per-project settings, instead of the ML backend's "
-                                          "extra_params, e.g. '{\"threshold\": 0.4}'")
-    g.add_argument("--ml-backend", type=int, help="ML backend id, when the project has several")
-    g.add_argument("--ignore-backend-version", action="store_true",
-                   help="store even if the ML backend reports another model_version than these settings give")
-    g = p.add_argument_group("run")
-    g.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help=f"tasks per batch: stored together, one queue job each (default {DEFAULT_BATCH_SIZE})")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--summary-json", help="also write the summary to this file (JSON)")
-    g = p.add_argument_group("queue (needs REDIS_URL; see `gem-backend worker`)")
-    g.add_argument("--queue", nargs="?", const="gem-prelabel", metavar="NAME",
-                   help="enqueue the batches as RQ jobs on queue NAME (default gem-prelabel) instead of predicting")
-    g.add_argument("--wait", action="store_true", help="with --queue: follow the jobs with a progress bar")
-    g.add_argument("--follow", metavar="RUN", help="follow an enqueued run (its id is printed by --queue)")
-    g.add_argument("--retries", type=int, default=3, help="tries again of a failed or abandoned job (default 3)")
-    g.add_argument("--job-timeout", type=int, help="seconds per job (default 600 + 120 per task)")
-    _add_model_flags(p)
-    p.set_defaults(func=cmd_prelabel)
-
-    from .worker import add_worker_parser
-
-    add_worker_parser(sub)
-
-
-def _redis(url: str | None, what: str):
+def connect_redis(url: str | None, what: str):
+    """A Redis client for ``url``, checked with a ping; :class:`PrelabelError` saying what needs
+    it (``what``) when unset or unreachable."""
     if not url:
         raise PrelabelError(f"{what} needs Redis: set REDIS_URL (e.g. redis://localhost:6379/0)")
     import redis
@@ -748,93 +550,12 @@ def _redis(url: str | None, what: str):
     try:
         client.ping()
     except redis.RedisError as err:
-        from ..serving.redis_gate import redact_url
-
         hint = "" if what == "--queue" or "worker" in what else " (unset REDIS_URL to run without task locks)"
         raise PrelabelError(f"Redis at {redact_url(url)} is unreachable{hint}: {type(err).__name__}: {err}") from None
     return client
 
 
-def cmd_prelabel(args) -> int:
-    from ..cli import _settings_from_args
-
-    settings = _settings_from_args(args)
-    settings = settings.replace(label_studio_url=args.ls_url or settings.label_studio_url,
-                                label_studio_api_key=args.api_key or settings.label_studio_api_key)
-    import redis
-
-    try:
-        return _prelabel(args, settings)
-    except PrelabelError as err:
-        print(f"gem-backend prelabel: {err}", file=sys.stderr)
-        return EXIT_ERROR
-    except redis.RedisError as err:  # lost mid-run; what was stored stays, a rerun resumes
-        print(f"gem-backend prelabel: Redis failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_ERROR
-
-
-def _finish(summary: Summary, args) -> int:
-    print(summary.text(), flush=True)
-    if args.summary_json:
-        with open(args.summary_json, "w") as fh:
-            json.dump(summary.as_dict(), fh, indent=1)
-    return summary.exit_code
-
-
-def _prelabel(args, settings) -> int:
-    from ..serving.service import ModelUnavailable
-
-    if args.follow:
-        from .worker import follow_run
-
-        client = _redis(settings.redis_url, "--follow")
-        with StopFlag() as stop:
-            summary = follow_run(client, args.follow, progress=not args.no_progress, stop=stop)
-        return _finish(summary, args)
-    if args.project is None:
-        raise PrelabelError("--project ID is required")
-    if args.wait and not args.queue:
-        raise PrelabelError("--wait follows queue jobs: use it with --queue")
-    if args.batch_size < 1:
-        raise PrelabelError("--batch-size must be at least 1")
-    ids = parse_ids(args.ids) if args.ids else None
-    redis_client = _redis(settings.redis_url, "--queue" if args.queue else "prelabel") if (
-        args.queue or settings.redis_url) else None
-    service = GEMService(settings)
-    api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key,
-                         timeout=(5.0, max(60.0, settings.fetch_timeout)))
-    try:
-        target, notes = resolve_target(api, service, args.project, extra_params=args.extra_params,
-                                       ml_backend=args.ml_backend, ignore_backend_version=args.ignore_backend_version)
-        for note in notes:
-            print(note, file=sys.stderr)
-        selection = select_tasks(api, target, ids=ids, view=args.view, limit=args.limit)
-        print(f"project {target.project}: {selection.selected} tasks selected, {selection.already} already have "
-              f"model_version {target.model_version}, {len(selection.pending)} to predict", file=sys.stderr, flush=True)
-        if args.queue:
-            from .worker import enqueue_run, follow_run
-
-            run = enqueue_run(redis_client, args.queue, target, selection, batch_size=args.batch_size,
-                              retries=args.retries, job_timeout=args.job_timeout)
-            if not args.wait:
-                print(f"enqueued {len(selection.pending)} tasks in {run.jobs} jobs on queue {args.queue!r}, run {run.id}; "
-                      f"start workers with `gem-backend worker --queue {args.queue}` and follow with "
-                      f"`gem-backend prelabel --follow {run.id}`", flush=True)
-                return EXIT_OK
-            with StopFlag() as stop:
-                summary = follow_run(redis_client, run.id, progress=not args.no_progress, stop=stop)
-            return _finish(summary, args)
-        locks = TaskLocks(redis_client) if redis_client is not None else NO_LOCKS
-        with StopFlag() as stop:
-            summary = run_local(service, api, target, selection, batch_size=args.batch_size, locks=locks,
-                                progress=not args.no_progress, stop=stop)
-        return _finish(summary, args)
-    except ModelUnavailable as err:
-        raise PrelabelError(str(err)) from None
-    finally:
-        api.close()
-
-
-__all__ = ["LabelStudioAPI", "LabelStudioError", "PrelabelError", "TaskLocks", "NO_LOCKS", "Target", "Outcome",
+__all__ = ["PrelabelError", "TaskLocks", "NO_LOCKS", "Target", "Outcome",
            "Selection", "Summary", "StopFlag", "resolve_target", "select_tasks", "predict_and_store", "run_local",
-           "parse_ids", "add_parsers", "cmd_prelabel"]
+           "parse_ids", "connect_redis", "show_counts", "EXIT_OK", "EXIT_FAILED_TASKS", "EXIT_ERROR",
+           "EXIT_INTERRUPTED", "DEFAULT_BATCH_SIZE"]

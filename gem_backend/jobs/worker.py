@@ -42,8 +42,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .prelabel import (EXIT_ERROR, LabelStudioAPI, Outcome, PrelabelError, Selection, StopFlag, Summary, Target,
-                       TaskLocks, _postfix, _redis, predict_and_store, progress_bar)
+from ..options import add_label_studio_flags, add_model_flags, with_label_studio
+from ..labelstudio.api import LabelStudioAPI
+from .prelabel import (EXIT_ERROR, Outcome, PrelabelError, Selection, StopFlag, Summary, Target,
+                       TaskLocks, connect_redis, show_counts, predict_and_store, progress_bar)
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ def enqueue_run(redis_client, queue_name: str, target: Target, selection: Select
     queue = _queue(redis_client, queue_name)
     timeout = job_timeout or 600 + 120 * batch_size
     datas = [Queue.prepare_data(
-        "gem_backend.worker.run_batch",
+        f"{__name__}.run_batch",
         kwargs={"run": run_id, "target": target.as_dict(), "tasks": batch},
         job_id=jid, timeout=timeout, result_ttl=RUN_TTL_S, failure_ttl=RUN_TTL_S,
         retry=Retry(max=retries) if retries > 0 else None,
@@ -185,7 +187,7 @@ def follow_run(redis_client, run_id: str, *, progress: bool = True, stop: StopFl
             summary.done, summary.skipped = c.get("done", 0), already + c.get("skipped", 0)
             summary.failed = [None] * c.get("failed", 0)  # for the postfix; the reasons are read at the end
             bar.update(seen - bar.n)
-            _postfix(bar, summary)
+            show_counts(bar, summary)
             if not open_jobs:
                 break
             if time.monotonic() - last_check >= jobs_every or seen >= total:
@@ -262,7 +264,7 @@ def run_batch(run: str, target: Mapping, tasks: list[dict]) -> dict:
     else:  # called directly (tests, debugging)
         from ..settings import Settings
 
-        connection = _redis(Settings.from_env().redis_url, "run_batch")
+        connection = connect_redis(Settings.from_env().redis_url, "run_batch")
     service, api = _process_state()
     counts = {"done": 0, "skipped": 0, "failed": 0}
 
@@ -328,8 +330,6 @@ def _worker_class():
 
 
 def add_worker_parser(sub) -> None:
-    from ..cli import _add_model_flags
-
     p = sub.add_parser(
         "worker", help="run queued pre-labeling jobs (RQ worker; needs REDIS_URL)",
         description="Take the batches enqueued by `gem-backend prelabel --queue` from Redis (REDIS_URL), predict "
@@ -338,8 +338,7 @@ def add_worker_parser(sub) -> None:
                     "SIGTERM/SIGINT: stop after the current job.")
     p.add_argument("--queue", action="append", metavar="NAME",
                    help=f"queue to take jobs from; repeatable (default {DEFAULT_QUEUE})")
-    p.add_argument("--ls-url", help="Label Studio URL (default LABEL_STUDIO_URL)")
-    p.add_argument("--api-key", help="Label Studio key (default LABEL_STUDIO_API_KEY)")
+    add_label_studio_flags(p)
     p.add_argument("--name", help="worker name (default: random)")
     p.add_argument("--burst", action="store_true", help="quit when the queues are empty")
     p.add_argument("--max-jobs", type=int, help="quit after this many jobs")
@@ -350,19 +349,16 @@ def add_worker_parser(sub) -> None:
     p.add_argument("--maintenance-interval", type=int, default=30,
                    help="seconds between this worker's cleanups of the queue registries, which re-queue "
                         "abandoned jobs (default 30)")
-    _add_model_flags(p)
+    add_model_flags(p)
     p.set_defaults(func=cmd_worker)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ..cli import _settings_from_args
     from ..serving.service import GEMService, ModelUnavailable
 
-    settings = _settings_from_args(args)
-    settings = settings.replace(label_studio_url=args.ls_url or settings.label_studio_url,
-                                label_studio_api_key=args.api_key or settings.label_studio_api_key)
+    settings = with_label_studio(args)
     try:
-        client = _redis(settings.redis_url, "gem-backend worker")
+        client = connect_redis(settings.redis_url, "gem-backend worker")
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key,
                              timeout=(5.0, max(60.0, settings.fetch_timeout)))
         service = GEMService(settings)

@@ -17,7 +17,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..jobs.learn import Learner
+from .learner import Learner
 from .service import GEMService, ModelUnavailable, RequestError
 from ..settings import Settings, SettingsError, parse_extra_params
 
