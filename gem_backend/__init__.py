@@ -1,7 +1,49 @@
 """gem-backend: zero-shot segmentation with GEM on open_clip, served as a Label Studio ML backend.
 
-Data path: request -> labeling spec (``labelstudio``) -> image (``images``) -> GEM (``gem``)
--> masks (``segmentation``) -> Label Studio JSON (``labelstudio``, ``brush``).
+The data path, by folder:
+
+    request -> labeling spec (labelstudio.spec) -> image (labelstudio.images)
+    -> method: GEM (algorithm.gem) -> maps and masks (algorithm.segmentation)
+    -> regions (algorithm.regions) -> Label Studio JSON (labelstudio.results, labelstudio.brush)
+
+``serving`` puts that path behind Label Studio's ML-backend protocol, ``jobs`` runs it over
+whole projects, ``evaluation`` measures it; ``settings`` and ``cli`` sit on top.
+
+The library API, stable from now on (imported lazily: ``import gem_backend`` loads no torch):
+
+    from gem_backend import GEM, GEMPredictor, SegmentationSettings, load_gem_model, mask2rle, rle2mask
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+
+from .version import __version__
+
+# public name -> module that defines it
+_API = {
+    "GEM": "gem_backend.algorithm.gem",
+    "GEMPredictor": "gem_backend.algorithm.segmentation",
+    "ImageEmbedding": "gem_backend.algorithm.segmentation",
+    "Segmentation": "gem_backend.algorithm.segmentation",
+    "SegmentationSettings": "gem_backend.algorithm.segmentation",
+    "load_gem_model": "gem_backend.algorithm.models",
+    "LoadedModel": "gem_backend.algorithm.models",
+    "mask2rle": "gem_backend.labelstudio.brush",
+    "rle2mask": "gem_backend.labelstudio.brush",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gem_backend' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -266,7 +266,7 @@ class Settings:
             if f.name in ("label_studio_api_key", "basic_auth_pass") and value:
                 value = "***"
             elif f.name == "redis_url" and value:
-                from .serving.redis_gate import redact_url
+                from .redaction import redact_url
 
                 value = redact_url(value)
             elif dataclasses.is_dataclass(value):

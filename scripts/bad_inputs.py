@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import os
 import random
@@ -91,13 +90,13 @@ class Checker:
         self.responses = 0
 
     # -------------------------------------------------------------- plumbing
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "***")
         return text
 
     def _fail(self, case: str, why: str) -> None:
-        self.failures.append(self._scrub(f"{case}: {why}"))
+        self.failures.append(self.scrub(f"{case}: {why}"))
 
     def _leaks(self, case: str, text: str) -> None:
         for secret in self.secrets:
@@ -140,7 +139,7 @@ class Checker:
                 message = r.json().get("error")
             except (ValueError, AttributeError):
                 message = None
-            record["error"] = self._scrub(message if isinstance(message, str) else "")[:160]
+            record["error"] = self.scrub(message if isinstance(message, str) else "")[:160]
             if r.status_code not in statuses:
                 self._fail(case, f"expected HTTP {'/'.join(map(str, statuses))}, got {r.status_code}: {r.text[:160]!r}")
             elif not isinstance(message, str) or not message.strip():

@@ -22,7 +22,7 @@ from PIL import Image
 from gem_backend.serving.feature_cache import EmbeddingCache, decode_embedding, embedding_key, encode_embedding
 from gem_backend.labelstudio.interactive import Box, Click, parse_context, select_region
 from gem_backend.algorithm.regions import connected_components
-from gem_backend.algorithm.segmentation import GEMPredictor, ImageEmbedding, _resize_nearest
+from gem_backend.algorithm.segmentation import GEMPredictor, ImageEmbedding, resize_nearest
 from gem_backend.serving.service import GEMService
 from helpers import shared_path
 from test_app import data_uri, decoded_mask, loaded, make_app, make_settings, metric, setup_body  # noqa: F401
@@ -140,7 +140,7 @@ class Reference:
         return comps.labels == comps.labels[r, c]
 
     def full(self, small: np.ndarray) -> np.ndarray:
-        return _resize_nearest(small.astype(np.uint8), (HEIGHT, WIDTH)).astype(bool)
+        return resize_nearest(small.astype(np.uint8), (HEIGHT, WIDTH)).astype(bool)
 
 
 def point_where(mask: np.ndarray, grid_point: tuple[int, int] | None = None) -> tuple[float, float]:

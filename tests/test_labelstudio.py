@@ -8,14 +8,8 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
-from gem_backend.labelstudio.spec import (
-    BrushTarget,
-    LabelConfigError,
-    brush_region,
-    new_region_id,
-    parse_label_config,
-    prediction,
-)
+from gem_backend.labelstudio.spec import BrushTarget, LabelConfigError, parse_label_config
+from gem_backend.labelstudio.results import brush_region, new_region_id, prediction
 
 CAPTURED = Path("/work/shared/label-studio/captured")
 CAPTURED_CONFIG = (

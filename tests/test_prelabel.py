@@ -418,7 +418,7 @@ def test_concurrent_stores_of_one_task_store_it_once(label_studio, redis_url):
     all): both pass the first check, the per-task lock and the re-check keep one store."""
     import redis
 
-    from gem_backend.labelstudio.spec import prediction
+    from gem_backend.labelstudio.results import prediction
     from gem_backend.jobs.prelabel import LabelStudioAPI, TaskLocks, Target, predict_and_store
     from gem_backend.serving.service import GEMService
     from gem_backend.settings import Settings

@@ -17,7 +17,7 @@ from gem_backend.algorithm.segmentation import (
     DEFAULT_BACKGROUND_PROMPTS,
     GEMPredictor,
     SegmentationSettings,
-    _resize_nearest,
+    resize_nearest,
     model_input_size,
 )
 from helpers import golden_model, shared_path
@@ -227,7 +227,7 @@ def test_background_prompts_compete_when_threshold_is_on(loaded, embedding):
     winner, best = probs.argmax(0), probs.max(0)
     assert ((winner >= len(LABELS)) & (best >= 0.3)).any()  # a background prompt wins outright
     assert ((winner < len(LABELS)) & (best < 0.3)).any()  # a label wins, but too weakly
-    np.testing.assert_array_equal(seg.label_map, _resize_nearest(expected, embedding.original_size))
+    np.testing.assert_array_equal(seg.label_map, resize_nearest(expected, embedding.original_size))
 
 
 def test_high_threshold_makes_low_probability_pixels_background(loaded, embedding):
@@ -238,8 +238,8 @@ def test_high_threshold_makes_low_probability_pixels_background(loaded, embeddin
     assert low.mean() > 0.5  # random weights: most pixels are not confident
     small = _expected_small(probs, len(LABELS), 0.99)
     assert (small[low] == 0).all()
-    np.testing.assert_array_equal(seg.label_map, _resize_nearest(small, embedding.original_size))
-    low_full = _resize_nearest(low.astype(np.uint16), embedding.original_size).astype(bool)
+    np.testing.assert_array_equal(seg.label_map, resize_nearest(small, embedding.original_size))
+    low_full = resize_nearest(low.astype(np.uint16), embedding.original_size).astype(bool)
     assert (seg.label_map[low_full] == 0).all()
     # more background than at the default threshold, which has more than at 0
     default = GEMPredictor(loaded, SegmentationSettings(min_area=0)).predict(LABELS, embedding)
@@ -260,7 +260,7 @@ def test_label_equal_to_a_background_prompt_stays_a_label(loaded, embedding, sky
     assert probs.shape[0] == 2 + len(DEFAULT_BACKGROUND_PROMPTS) - 1
     seg = predictor.predict(labels, embedding)
     np.testing.assert_array_equal(seg.label_map,
-                                  _resize_nearest(_expected_small(probs, 2, 0.05), embedding.original_size))
+                                  resize_nearest(_expected_small(probs, 2, 0.05), embedding.original_size))
     # where "sky" wins it is labelled 1, never background
     wins = probs.argmax(0) == 0
     assert wins.any()

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import redis
 
-from gem_backend.serving.text_cache import TextEmbeddingCache, redact_url
+from gem_backend.redaction import redact_url
+from gem_backend.serving.text_cache import TextEmbeddingCache
 
 D = 8
 NS = "ViT-B-16|openai|templates-v1"

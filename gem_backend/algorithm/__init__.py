@@ -1,1 +1,19 @@
-"""placeholder"""
+"""The algorithm: CLIP + GEM (or a peer method) -> similarity maps -> masks -> regions.
+
+numpy and torch in and out; no HTTP, no Label Studio, no Redis (``tests/test_structure.py``
+checks it). Shapes are in every docstring: ``B`` images, ``H x W`` pixels, grid ``h x w``,
+``N = h * w`` patch tokens, ``D`` the embedding size, ``C`` labels.
+
+Modules and their public names:
+
+- :mod:`.gem`: :class:`GEM` (the image tower with GEM's self-self attention path, the text
+  tower, similarity maps), ``resample_pos_embed``, ``check_supported``,
+  ``UnsupportedModelError``, ``DEFAULT_TEMPLATES``.
+- :mod:`.models`: :func:`load_gem_model` (the one factory: an open_clip name or config and
+  weights -> :class:`LoadedModel`), ``resolve_device``, ``resolve_dtype``,
+  ``cpu_has_native_bf16``, ``weights_id``, ``ModelLoadError``.
+- :mod:`.segmentation`: :class:`GEMPredictor` (the image embedding once, cheap predictions on
+  it), :class:`ImageEmbedding`, :class:`Segmentation`, :class:`SegmentationSettings`,
+  ``model_input_size``, ``blend_prototypes``, ``resize_nearest``.
+- :mod:`.regions`: connected components, outlines, polygons, boxes of masks.
+"""

@@ -332,7 +332,7 @@ class GEMPredictor:
             scores[label] = float(sums[i] / counts[i])
             margins[label] = float(margin_sums[i] / counts[i])
             areas[label] = float(area)
-        label_map = _resize_nearest(small, emb.original_size)
+        label_map = resize_nearest(small, emb.original_size)
         return Segmentation(labels, label_map, scores, areas, input_map=small, confidence=best, margin=margin,
                             margins=margins)
 
@@ -433,7 +433,7 @@ def blend_prototypes(text: np.ndarray, prompts: Sequence[str], prototypes: Mappi
     return out
 
 
-def _resize_nearest(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_nearest(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``[h, w]`` uint16 -> ``[H, W]`` uint16 by nearest neighbour (pixel centres aligned)."""
     if label_map.shape == tuple(size):
         return label_map

@@ -118,8 +118,9 @@ def _synthetic_photo(width: int = 4000, height: int = 3000, seed: int = 0) -> by
 
 def bench_e2e(loaded, labels: int = 20, runs: int = 2) -> dict:
     """One task as /predict does it, stage by stage, on a 12 MP JPEG."""
-    from ..labelstudio.images import _decode, original_size
-    from ..labelstudio.spec import BrushTarget, brush_region, prediction
+    from ..labelstudio.images import decode_image, original_size
+    from ..labelstudio.spec import BrushTarget
+    from ..labelstudio.results import brush_region, prediction
     from ..algorithm.segmentation import GEMPredictor, ImageEmbedding, SegmentationSettings
 
     data = _synthetic_photo()
@@ -142,7 +143,7 @@ def bench_e2e(loaded, labels: int = 20, runs: int = 2) -> dict:
     regions = 0
     for _ in range(runs):
         t0 = time.perf_counter()
-        image = _decode(data, "bench.jpg", 100_000_000, "image/jpeg", min_size=settings.input_size)
+        image = decode_image(data, "bench.jpg", 100_000_000, "image/jpeg", min_size=settings.input_size)
         width, height = original_size(image)
         pixels = np.asarray(image)
         t1 = time.perf_counter()

@@ -636,12 +636,10 @@ def run_evaluation(cfg: EvalConfig, loaded, echo: Callable[[str], None] = print)
     per_class = [dict(name=name, iou=_pct(m["iou"][c]), acc=_pct(m["acc"][c]),
                       gt_pixels=int(m["gt_pixels"][c]), pred_pixels=int(m["pred_pixels"][c]))
                  for c, name in enumerate(spec.classes)]
-    results = _results(cfg, spec, loaded, untrained, len(samples), len(samples) - len(todo), elapsed, m, per_class,
-                       metric=("confusion matrix summed over the images; IoU = TP/(TP+FP+FN) per class; "
+    return _report(cfg, spec, loaded, untrained, len(samples), len(samples) - len(todo), elapsed, m, per_class, echo,
+                   metric=("confusion matrix summed over the images; IoU = TP/(TP+FP+FN) per class; "
                                "classes with no ground truth and no prediction are NaN and left out of the "
                                "mean (mmseg's nanmean); 255 = ignored"))
-    _write_results(cfg, results, echo)
-    return results
 
 
 def _run_points(cfg: EvalConfig, spec: DatasetSpec, loaded, segmenter: Segmenter, untrained: bool, echo) -> dict:
@@ -699,12 +697,10 @@ def _run_points(cfg: EvalConfig, spec: DatasetSpec, loaded, segmenter: Segmenter
     scored = np.flatnonzero(tp + fp + fn + tn)
     per_class = [dict(name=oi.names[c], label=oi.mids[c], iou=_pct(m["iou"][c]), acc=_pct(m["acc"][c]),
                       yes_points=int(tp[c] + fn[c]), no_points=int(fp[c] + tn[c])) for c in scored]
-    results = _results(cfg, spec, loaded, untrained, len(samples), len(samples) - len(todo), elapsed, m, per_class,
-                       metric=("point-wise IoU per class over its yes/no points (unsure dropped), TP/(TP+FP+FN); "
+    return _report(cfg, spec, loaded, untrained, len(samples), len(samples) - len(todo), elapsed, m, per_class, echo,
+                   metric=("point-wise IoU per class over its yes/no points (unsure dropped), TP/(TP+FP+FN); "
                                "classes with TP+FP+FN = 0 left out of the mean; aAcc = points classified "
                                "right; Acc = recall of yes points"))
-    _write_results(cfg, results, echo)
-    return results
 
 
 def _progress(todo: list, total: int, cfg: EvalConfig, spec: DatasetSpec):
@@ -758,6 +754,13 @@ def results_markdown(results: dict) -> str:
     lines += [f"| {c['name']} | {_fmt(c['iou'])} | {_fmt(c['acc'])} |" for c in r["per_class"]]
     lines += ["", f"Metric: {r['metric']}.", ""]
     return "\n".join(lines)
+
+
+def _report(cfg, spec, loaded, untrained, n_images, n_cached, elapsed, m, per_class, echo, metric: str) -> dict:
+    """The run's results, written (JSON + markdown) and returned."""
+    results = _results(cfg, spec, loaded, untrained, n_images, n_cached, elapsed, m, per_class, metric)
+    _write_results(cfg, results, echo)
+    return results
 
 
 def _write_results(cfg: EvalConfig, results: dict, echo) -> None:

@@ -400,7 +400,7 @@ def _bomb(source: str, exc: Exception, max_pixels: int) -> ImageError:
                       f"the limit is {max_pixels} (a decompression bomb?)")
 
 
-def _decode(data: bytes, source: str, max_pixels: int, content_type: str | None = None,
+def decode_image(data: bytes, source: str, max_pixels: int, content_type: str | None = None,
             min_size: int | None = None) -> Image.Image:
     """Bytes -> oriented RGB image, refusing oversized images before their pixels decode.
 
@@ -475,7 +475,7 @@ def load_image_file(
         raise ImageError(f"cannot read {source}: {exc.strerror or exc}") from None
     if size > max_bytes or len(data) > max_bytes:
         raise ImageError(f"image too large: {source} is {size} bytes, the limit is {max_bytes}")
-    return _decode(data, source, max_pixels, min_size=min_size)
+    return decode_image(data, source, max_pixels, min_size=min_size)
 
 
 # --- fetching ---------------------------------------------------------------------------
@@ -587,24 +587,26 @@ class ImageFetcher:
         ``azure-blob://``). ``min_size``: see :func:`_decode` (the full, oriented size is
         :func:`original_size`). Raises :class:`ImageError` for anything that goes wrong.
         """
-        data, content_type, source = self._get(url, task_id)
-        return _decode(data, source, self.max_pixels, content_type, min_size=min_size)
+        data, content_type, source = self.fetch_raw(url, task_id)
+        return decode_image(data, source, self.max_pixels, content_type, min_size=min_size)
 
     def fetch_bytes(self, url: str, task_id: int | str | None = None) -> bytes:
         """The raw bytes behind an image URL (same routing, credentials and byte cap as
         :meth:`fetch`, no decoding). Raises :class:`ImageError`."""
-        return self._get(url, task_id)[0]
+        return self.fetch_raw(url, task_id)[0]
 
     # -- secrets ------------------------------------------------------------------------
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
+        """``text`` with this fetcher's API key and access token replaced by ``***`` (for
+        messages and logs that may quote a reply)."""
         for secret in (self._api_key, self._access_token):
             if secret:
                 text = text.replace(secret, "***")
         return text
 
     def _error(self, message: str) -> ImageError:
-        return ImageError(self._scrub(message))
+        return ImageError(self.scrub(message))
 
     def _describe(self, url: str) -> str:
         """URL for messages: no userinfo; no query off Label Studio (presigned signatures)."""
@@ -620,7 +622,7 @@ class ImageFetcher:
         except ValueError:
             return "<unparsable URL>"
         query = parts.query if self._is_ls(url) else ("..." if parts.query else "")
-        return self._scrub(urlunsplit((parts.scheme, host, parts.path, query, "")))
+        return self.scrub(urlunsplit((parts.scheme, host, parts.path, query, "")))
 
     # -- routing ------------------------------------------------------------------------
 
@@ -661,7 +663,10 @@ class ImageFetcher:
 
     # -- auth ---------------------------------------------------------------------------
 
-    def _auth_header(self, force_refresh: bool = False) -> dict[str, str]:
+    def auth_header(self, force_refresh: bool = False) -> dict[str, str]:
+        """The ``Authorization`` header for Label Studio requests (``{}`` without a key); a
+        personal access token is exchanged for an access token first, again when
+        ``force_refresh``. Raises :class:`ImageError` when the exchange fails."""
         if self.auth_mode == "none":
             return {}
         if self.auth_mode == "legacy":
@@ -716,8 +721,10 @@ class ImageFetcher:
 
     # -- transfer -----------------------------------------------------------------------
 
-    def _get(self, url: str, task_id: int | str | None) -> tuple[bytes, str | None, str]:
-        """-> (body, content-type, description of the URL for messages)."""
+    def fetch_raw(self, url: str, task_id: int | str | None) -> tuple[bytes, str | None, str]:
+        """A task image's bytes, undecoded: ``(body, content type or None, description of the
+        URL for messages)``, with the routing, credentials, address guard and byte cap of
+        :meth:`fetch`. Raises :class:`ImageError`."""
         if not isinstance(url, str) or not url.strip():
             raise ImageError("empty image URL")
         url = url.strip()
@@ -742,12 +749,12 @@ class ImageFetcher:
     def _request(self, target: str) -> requests.Response:
         with_credentials = self._is_ls(target) and self.auth_mode != "none"
         try:
-            headers = self._auth_header() if with_credentials else {}
+            headers = self.auth_header() if with_credentials else {}
             resp = self._send(target, headers)
             if resp.status_code == 401 and with_credentials and self.auth_mode == "pat":
                 # the access token may have been revoked or expired early: one fresh try
                 resp.close()
-                resp = self._send(target, self._auth_header(force_refresh=True))
+                resp = self._send(target, self.auth_header(force_refresh=True))
         except BlockedAddressError as exc:
             raise self._error(f"refused to fetch {self._describe(target)}: {exc}") from None
         except ImageError:

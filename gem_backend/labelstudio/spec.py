@@ -1,8 +1,8 @@
-"""Label Studio labeling spec in, Label Studio prediction JSON out.
+"""The labeling spec: a project's labeling config -> what gem-backend fills.
 
 No HTTP and no model here: this module turns the project's labeling config (the XML that
 Label Studio sends as ``schema`` to ``/setup`` and as ``label_config`` to ``/predict``) into
-target objects, and turns masks and shapes back into Label Studio results.
+target objects (:mod:`gem_backend.labelstudio.results` turns masks back into results).
 
 Controls bound to an ``<Image>`` that gem-backend fills (:func:`parse_labeling_config`):
 
@@ -30,26 +30,14 @@ use, so a config written for them keeps working):
   look for instead of the label's text. The official backends use it as a list of model class
   names that map onto one Label Studio label; GEM takes one free-text prompt per label, so the
   FIRST entry is used as the prompt and the others are ignored.
-
-Result format (what Label Studio 1.23 stores and shows, see
-``/work/shared/label-studio/captured/13_predict_response_example.json``)::
-
-    {"result": [{"id": "3f9a0c1b7e", "from_name": "tag", "to_name": "image",
-                 "type": "brushlabels", "original_width": W, "original_height": H,
-                 "image_rotation": 0, "score": 0.87,
-                 "value": {"format": "rle", "rle": [...], "brushlabels": ["cat"]}}],
-     "score": 0.87, "model_version": "gem-..."}
 """
 
 from __future__ import annotations
 
-import math
 import re
-import secrets
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Sequence
 
-import numpy as np
 
 __all__ = [
     "BrushTarget",
@@ -61,15 +49,9 @@ __all__ = [
     "RectangleTarget",
     "SUPPORTED_CONTROLS",
     "TextPromptTarget",
-    "brush_region",
-    "choices_region",
     "match_label",
-    "new_region_id",
     "parse_label_config",
     "parse_labeling_config",
-    "polygon_region",
-    "prediction",
-    "rectangle_region",
 ]
 
 SUPPORTED_CONTROLS = ("<BrushLabels>, <PolygonLabels>, <RectangleLabels> (a box output, not only a smart "
@@ -372,184 +354,3 @@ def match_label(name: Any, target: LabelTarget) -> str | None:
         if folded in (label.strip().casefold(), prompt.strip().casefold()):
             return label
     return None
-
-
-def new_region_id() -> str:
-    """A fresh region id: 10 random hex characters (40 bits, like Label Studio's own ids)."""
-    return secrets.token_hex(5)
-
-
-def _finite_score(score: Any, what: str) -> float:
-    value = float(score)
-    # NaN/inf would make the JSON reply invalid
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {score!r}")
-    return value
-
-
-def _mask2rle(mask: np.ndarray) -> list[int]:
-    try:
-        from .brush import mask2rle
-    except ModuleNotFoundError as exc:
-        # gem_backend.brush is being written in parallel; only its absence falls back
-        if exc.name != "gem_backend.brush":
-            raise
-        from label_studio_sdk.converter.brush import mask2rle
-    return [int(v) for v in mask2rle(mask)]
-
-
-def _image_region(kind: str, target: LabelTarget, width: int, height: int, score: float, value: dict,
-                  region_id: str | None) -> dict:
-    """The envelope every region on an image shares; ``value`` is the type's own part."""
-    return {
-        "id": region_id if region_id is not None else new_region_id(),
-        "from_name": target.from_name,
-        "to_name": target.to_name,
-        "type": kind,
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": 0,
-        "score": _finite_score(score, "score"),
-        "value": value,
-    }
-
-
-def brush_region(
-    mask: np.ndarray,
-    label: str,
-    target: BrushTarget,
-    score: float,
-    region_id: str | None = None,
-) -> dict:
-    """One Label Studio ``brushlabels`` result for one mask.
-
-    - ``mask``: ``[H, W]`` uint8, 0 (background) or 255 (label); a bool mask is accepted and
-      mapped False->0, True->255. H and W are the size of the image as Label Studio shows it
-      (after EXIF orientation), they become ``original_height``/``original_width``.
-    - ``label``: one of ``target.labels``.
-    - ``score``: region confidence, usually in [0, 1].
-    - ``region_id``: unique id within the prediction; a new random one when None.
-
-    Returns ``{"id", "from_name", "to_name", "type": "brushlabels", "original_width",
-    "original_height", "image_rotation": 0, "score", "value": {"format": "rle", "rle": [int,
-    ...], "brushlabels": [label]}}``.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2 or mask.shape[0] == 0 or mask.shape[1] == 0:
-        raise ValueError(f"mask must be a non-empty [H, W] array, got shape {mask.shape}")
-    if mask.dtype == np.bool_:
-        # a bool array's bytes are 0/1: one multiply, no conversion pass (6x faster on 12 MP)
-        mask = np.ascontiguousarray(mask).view(np.uint8) * np.uint8(255)
-    elif mask.dtype != np.uint8:
-        raise ValueError(f"mask must be uint8 (0 or 255) or bool, got {mask.dtype}")
-    elif np.any((mask != 0) & (mask != 255)):
-        # Label Studio draws the RLE value as alpha: 1..254 would show as a faint ghost
-        raise ValueError("uint8 mask must only hold 0 and 255")
-    if label not in target.labels:
-        raise ValueError(f"label {label!r} is not one of {list(target.labels)} of {target.from_name!r}")
-
-    height, width = mask.shape
-    value = {"format": "rle", "rle": _mask2rle(np.ascontiguousarray(mask)), "brushlabels": [label]}
-    return _image_region("brushlabels", target, width, height, score, value, region_id)
-
-
-def _check_label(label: str, target: LabelTarget) -> None:
-    if label not in target.labels:
-        raise ValueError(f"label {label!r} is not one of {list(target.labels)} of {target.from_name!r}")
-
-
-def _percent(value: Any, what: str) -> float:
-    v = _finite_score(value, what)
-    if not -1e-9 <= v <= 100.0 + 1e-9:
-        raise ValueError(f"{what} must be a percentage in [0, 100], got {value!r}")
-    return min(max(v, 0.0), 100.0)
-
-
-def polygon_region(
-    points: Sequence[Sequence[float]],
-    label: str,
-    target: LabelTarget,
-    score: float,
-    width: int,
-    height: int,
-    region_id: str | None = None,
-) -> dict:
-    """One ``polygonlabels`` result.
-
-    - ``points``: ``[[x, y], ...]`` in percent of the image width/height (at least 3, not
-      repeating the first point at the end).
-    - ``width``/``height``: the image as Label Studio shows it (``original_width``/``_height``).
-    """
-    pts = [[_percent(x, "polygon x"), _percent(y, "polygon y")] for x, y in points]
-    if len(pts) < 3:
-        raise ValueError(f"a polygon needs at least 3 points, got {len(pts)}")
-    _check_label(label, target)
-    value = {"points": pts, "closed": True, "polygonlabels": [label]}
-    return _image_region("polygonlabels", target, width, height, score, value, region_id)
-
-
-def rectangle_region(
-    x: float,
-    y: float,
-    box_width: float,
-    box_height: float,
-    label: str,
-    target: LabelTarget,
-    score: float,
-    width: int,
-    height: int,
-    region_id: str | None = None,
-) -> dict:
-    """One ``rectanglelabels`` result: top-left corner ``x``/``y`` and size, in percent of
-    the image; ``width``/``height`` are the image's pixel size."""
-    _check_label(label, target)
-    value = {"x": _percent(x, "x"), "y": _percent(y, "y"), "width": _percent(box_width, "width"),
-             "height": _percent(box_height, "height"), "rotation": 0}
-    value["width"] = min(value["width"], 100.0 - value["x"])
-    value["height"] = min(value["height"], 100.0 - value["y"])
-    value["rectanglelabels"] = [label]
-    return _image_region("rectanglelabels", target, width, height, score, value, region_id)
-
-
-def choices_region(choices: Sequence[str], target: LabelTarget, score: float,
-                   region_id: str | None = None) -> dict:
-    """One ``choices`` result (a classification of the whole image) with ``choices``."""
-    choices = list(choices)
-    if not choices:
-        raise ValueError("choices must not be empty")
-    for choice in choices:
-        _check_label(choice, target)
-    return {
-        "id": region_id if region_id is not None else new_region_id(),
-        "from_name": target.from_name,
-        "to_name": target.to_name,
-        "type": "choices",
-        "score": _finite_score(score, "score"),
-        "value": {"choices": choices},
-    }
-
-
-def prediction(
-    regions: Iterable[dict] | Sequence[dict],
-    model_version: str,
-    score: float | None = None,
-) -> dict:
-    """One task's prediction: ``{"result": [...], "score": float, "model_version": str}``.
-
-    - ``regions``: results from :func:`brush_region` (or the polygon, rectangle and choices
-      builders); their ids must be unique.
-    - ``model_version``: must equal what ``/setup`` returned, or Label Studio hides it.
-    - ``score``: the prediction's overall score; None means the mean of the region scores.
-      An empty result always gets score 0.0.
-    """
-    result = list(regions)
-    ids = [region.get("id") for region in result]
-    if len(set(ids)) != len(ids):
-        raise ValueError("region ids must be unique within a prediction")
-    if not result:
-        overall = 0.0
-    elif score is None:
-        overall = float(np.mean([float(region.get("score", 0.0)) for region in result]))
-    else:
-        overall = _finite_score(score, "prediction score")
-    return {"result": result, "score": overall, "model_version": str(model_version)}

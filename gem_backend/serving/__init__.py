@@ -1,1 +1,15 @@
-"""placeholder"""
+"""Serving: the ML backend Label Studio talks to.
+
+- :mod:`.app`: the Flask application factory (``create_app``): ``/health``, ``/setup``,
+  ``/predict``, ``/webhook``, ``/versions``, ``/metrics``; ``_wsgi.py`` serves it with gunicorn.
+- :mod:`.service`: ``GEMService``, the prediction service without HTTP: request -> labeling
+  spec -> image -> model -> masks -> Label Studio JSON, per task isolated
+  (``ProjectSpec``, ``RequestError``, ``ModelUnavailable``).
+- :mod:`.text_cache`: text embeddings (``TextEmbeddingCache``, in process + Redis).
+- :mod:`.feature_cache`: image features for smart-tool clicks (``EmbeddingCache``).
+- :mod:`.redis_gate`: one Redis client with outage back-off (``RedisGate``).
+- :mod:`.prototypes`: label prototypes learnt from annotations and their durable stores
+  (``PrototypeStore``, ``open_store``; the service reads them, the webhook writes them).
+- :mod:`.learner`: the ``/webhook`` learner (``Learner``).
+- :mod:`.metrics`: Prometheus metrics (``Metrics``).
+"""

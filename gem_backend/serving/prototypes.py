@@ -352,14 +352,14 @@ def feature_namespace(settings) -> str:
 
 
 # ----------------------------------------------------------------------------------- stores
-def _project_key(project: Any) -> str:
+def project_key(project: Any) -> str:
     pid = str(project).split(".", 1)[0].strip() if project not in (None, "") else ""
     if not pid or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", pid):
         raise ValueError(f"bad project id {project!r}")
     return pid
 
 
-def _annotation_key(annotation_id: Any) -> str:
+def annotation_key(annotation_id: Any) -> str:
     aid = str(annotation_id).strip()
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", aid):
         raise ValueError(f"bad annotation id {annotation_id!r}")
@@ -373,7 +373,7 @@ class PrototypeStore:
     def put(self, project: Any, annotation_id: Any, contribution: Contribution) -> bool:
         """Replace the annotation's contribution. False (nothing changes) when the annotation
         was deleted, or the stored copy is newer (``stamp``)."""
-        pid, aid = _project_key(project), _annotation_key(annotation_id)
+        pid, aid = project_key(project), annotation_key(annotation_id)
 
         def change(state: _State) -> bool:
             if aid in state.deleted:
@@ -390,8 +390,8 @@ class PrototypeStore:
     def remove(self, project: Any, annotation_ids: Iterable[Any]) -> int:
         """Subtract the annotations' contributions and remember them as deleted; returns how many
         were stored."""
-        pid = _project_key(project)
-        ids = [_annotation_key(a) for a in annotation_ids]
+        pid = project_key(project)
+        ids = [annotation_key(a) for a in annotation_ids]
 
         def change(state: _State) -> int:
             removed = 0
@@ -482,15 +482,15 @@ class MemoryPrototypeStore(PrototypeStore):
 
     def totals(self, project):
         with self._lock:
-            return _copy(self._project(_project_key(project))["totals"])
+            return _copy(self._project(project_key(project))["totals"])
 
     def annotation_ids(self, project):
         with self._lock:
-            return set(self._project(_project_key(project))["ann"])
+            return set(self._project(project_key(project))["ann"])
 
     def contribution(self, project, annotation_id):
         with self._lock:
-            return self._project(_project_key(project))["ann"].get(_annotation_key(annotation_id))
+            return self._project(project_key(project))["ann"].get(annotation_key(annotation_id))
 
 
 def _read_text(path: Path) -> str:
@@ -549,14 +549,14 @@ class FilePrototypeStore(PrototypeStore):
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def totals(self, project):
-        return _totals_from(_read_text(self._dir(_project_key(project)) / "totals.json"))
+        return _totals_from(_read_text(self._dir(project_key(project)) / "totals.json"))
 
     def annotation_ids(self, project):
-        d = self._dir(_project_key(project)) / "ann"
+        d = self._dir(project_key(project)) / "ann"
         return {p.stem for p in d.glob("*.json")} if d.is_dir() else set()
 
     def contribution(self, project, annotation_id):
-        return self._read_contribution(self._dir(_project_key(project)), _annotation_key(annotation_id))
+        return self._read_contribution(self._dir(project_key(project)), annotation_key(annotation_id))
 
 
 class RedisPrototypeStore(PrototypeStore):
@@ -611,13 +611,13 @@ class RedisPrototypeStore(PrototypeStore):
         raise RuntimeError(f"prototypes of project {pid}: too many concurrent updates")
 
     def totals(self, project):
-        return _totals_from(self.redis.get(self._keys(_project_key(project))[0]))
+        return _totals_from(self.redis.get(self._keys(project_key(project))[0]))
 
     def annotation_ids(self, project):
-        return {_text(k) for k in self.redis.hkeys(self._keys(_project_key(project))[1])}
+        return {_text(k) for k in self.redis.hkeys(self._keys(project_key(project))[1])}
 
     def contribution(self, project, annotation_id):
-        raw = self.redis.hget(self._keys(_project_key(project))[1], _annotation_key(annotation_id))
+        raw = self.redis.hget(self._keys(project_key(project))[1], annotation_key(annotation_id))
         return None if raw is None else Contribution.from_json(json.loads(raw))
 
 

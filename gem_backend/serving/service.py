@@ -20,15 +20,14 @@ import numpy as np
 import torch
 
 from .feature_cache import EmbeddingCache, embedding_key, image_namespace
-from ..labelstudio.images import ImageError, ImageFetcher, _decode, original_size
+from ..labelstudio.images import ImageError, ImageFetcher, decode_image, original_size
 from ..labelstudio.interactive import InteractiveContext, parse_context, select_region
-from ..labelstudio.spec import (BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget,
-                          TextPromptTarget, brush_region, choices_region, match_label, parse_labeling_config,
-                          polygon_region, prediction, rectangle_region)
+from ..labelstudio.spec import BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget, TextPromptTarget, match_label, parse_labeling_config
+from ..labelstudio.results import brush_region, choices_region, polygon_region, prediction, rectangle_region
 from .metrics import Metrics
 from ..algorithm.regions import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
 from ..algorithm.segmentation import (BACKGROUND_KEY, GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings,
-                           _resize_nearest)
+                           resize_nearest)
 from ..settings import Settings, SettingsError
 from .text_cache import TextEmbeddingCache
 
@@ -201,10 +200,10 @@ class GEMService:
         """``spec`` for ``project``: with prototypes on, its active prototypes (labels of the
         config and the background) and ``model_version + "-p" + digest`` once any is active.
         A store that cannot be read gives text-only predictions (a warning every 30 s)."""
-        from .prototypes import _project_key, active_prototypes, prototype_digest
+        from .prototypes import project_key, active_prototypes, prototype_digest
 
         try:
-            pid = _project_key(project)
+            pid = project_key(project)
         except ValueError:
             return spec
         if not spec.segmentation.prototypes:
@@ -315,7 +314,7 @@ class GEMService:
         """The GEM features of a task image: fetched bytes -> sha256 -> cache; only on a miss
         is the image decoded and run through the image tower (then cached)."""
         started = time.perf_counter()
-        data, content_type, source = self._fetch_raw(url, task_id)
+        data, content_type, source = self.fetcher.fetch_raw(url, task_id)
         loaded = self.load()
         key = embedding_key(data, image_namespace(self.settings, segmentation, str(loaded.dtype)))
         embedding, where = self.image_cache.get(key)
@@ -324,7 +323,7 @@ class GEMService:
             self.metrics.fetch_seconds.observe(time.perf_counter() - started)
             return embedding
         # decoding large JPEGs at a reduced scale is enough for the model input
-        image = _decode(data, source, self.fetcher.max_pixels, content_type, min_size=segmentation.input_size)
+        image = decode_image(data, source, self.fetcher.max_pixels, content_type, min_size=segmentation.input_size)
         width, height = original_size(image)
         check_usable(width, height, source)
         pixels = np.asarray(image)
@@ -332,14 +331,6 @@ class GEMService:
         embedding = self.embed(predictor, pixels, (height, width))
         self.image_cache.put(key, embedding)
         return embedding
-
-    def _fetch_raw(self, url: str, task_id: Any) -> tuple[bytes, str | None, str]:
-        """``(bytes, content type, URL description for messages)`` of a task image: what
-        :meth:`ImageFetcher.fetch` decodes, so errors read the same."""
-        raw = getattr(self.fetcher, "_get", None)
-        if raw is not None:
-            return raw(url, task_id)
-        return self.fetcher.fetch_bytes(url, task_id=task_id), None, f"the image of task {task_id}"
 
     def predict_tasks(self, tasks: Sequence[Mapping], label_config: str, extra_params: Any = None,
                       spec: ProjectSpec | None = None, context: Any = None) -> list[dict]:
@@ -385,13 +376,13 @@ class GEMService:
                 if not isinstance(url, str) or url in ready or url in pending:
                     continue
                 try:
-                    data, content_type, source = self._fetch_raw(url, task.get("id"))
+                    data, content_type, source = self.fetcher.fetch_raw(url, task.get("id"))
                     key = embedding_key(data, namespace)
                     cached, _ = self.image_cache.get(key)
                     if cached is not None:
                         ready[url] = cached
                         continue
-                    image = _decode(data, source, self.fetcher.max_pixels, content_type,
+                    image = decode_image(data, source, self.fetcher.max_pixels, content_type,
                                     min_size=spec.segmentation.input_size)
                     width, height = original_size(image)
                     check_usable(width, height, source)
@@ -496,7 +487,7 @@ class GEMService:
         height, width = embedding.original_size
         small = chosen.mask
         if isinstance(target, BrushTarget):
-            full = _resize_nearest(small.astype(np.uint8), (height, width)).astype(bool)
+            full = resize_nearest(small.astype(np.uint8), (height, width)).astype(bool)
             regions = [brush_region(full, label, target, chosen.score)]
         else:
             regions = [region for region, _, _ in

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .redis_gate import RedisGate, redact_url  # noqa: F401  (redact_url: public here too)
+from .redis_gate import RedisGate
 
 logger = logging.getLogger(__name__)
 
