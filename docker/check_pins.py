@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         if "==" in line:
             name, version = line.split("==", 1)
             pins[norm(name)] = version.strip()
-    installed = {norm(d.metadata["Name"]): d.version for d in md.distributions()}
+    installed: dict[str, str] = {}
+    for d in md.distributions():  # in sys.path order: the first of a name is the one imported
+        installed.setdefault(norm(d.metadata["Name"]), d.version)
     wrong = [f"{n}=={installed[n]} (pinned {v})" for n, v in sorted(pins.items())
              if n in installed and installed[n].split("+", 1)[0] != v]
     if wrong:
