@@ -13,7 +13,7 @@ Shapes: ``B`` images, ``H x W`` input pixels, patch ``P``, grid ``h x w = H/P x 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

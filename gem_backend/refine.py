@@ -11,7 +11,7 @@ Shapes: ``B`` images, ``K`` image channels, ``C`` labels, ``H x W`` pixels,
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -307,6 +307,19 @@ def test_interface_and_model_dtype(name):
 # head at a time, explicit softmax matrices, the Gaussian as a loop): other widths, heads,
 # patch sizes, layer scale and grids than the golden model's.
 
+def _naive_attention(strategy, q, k, gauss, head_dim):
+    """The ``[T, T]`` attention matrix of one head."""
+    def soft(a, c, add=0.0):
+        return torch.softmax(a @ c.t() * head_dim ** -0.5 + add, dim=-1)
+    if strategy == "csa":
+        return soft(q, q) + soft(k, k)
+    if strategy == "maskclip":
+        return torch.eye(q.shape[0])
+    if strategy == "naclip":
+        return soft(k, k, gauss)
+    return {"qq": lambda: soft(q, q), "kk": lambda: soft(k, k), "vanilla": lambda: soft(q, k)}[strategy]()
+
+
 def _naive(model, x, method, options):
     visual = model.visual
     tokens = visual.conv1(x)
@@ -342,11 +355,7 @@ def _naive(model, x, method, options):
         for head in range(heads):
             sl = slice(head * hd, (head + 1) * hd)
             q, k, v = y @ w_q[sl].t() + b_q[sl], y @ w_k[sl].t() + b_k[sl], y @ w_v[sl].t() + b_v[sl]
-            soft = lambda a, c, add=0: torch.softmax(a @ c.t() * hd ** -0.5 + add, dim=-1)  # noqa: E731
-            attn = {"csa": lambda: soft(q, q) + soft(k, k), "qq": lambda: soft(q, q), "kk": lambda: soft(k, k),
-                    "vanilla": lambda: soft(q, k), "maskclip": lambda: torch.eye(1 + n),
-                    "naclip": lambda: soft(k, k, gauss)}[strategy]()
-            per_head.append(attn @ v)
+            per_head.append(_naive_attention(strategy, q, k, gauss, hd) @ v)
         out = block.ls_1(mha.out_proj(torch.cat(per_head, dim=-1)))
         if residual:
             z = h[b] + out
