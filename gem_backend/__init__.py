@@ -3,7 +3,8 @@
 The data path, by folder:
 
     request -> labeling spec (labelstudio.spec) -> image (labelstudio.images)
-    -> method: GEM (algorithm.gem) -> maps and masks (algorithm.segmentation)
+    -> method: GEM or a peer (algorithm.gem, algorithm.methods) -> maps and masks (algorithm.segmentation)
+    -> refinement (algorithm.refine)
     -> regions (algorithm.regions) -> Label Studio JSON (labelstudio.results, labelstudio.brush)
 
 ``serving`` puts that path behind Label Studio's ML-backend protocol, ``jobs`` runs it over
@@ -12,6 +13,7 @@ whole projects, ``evaluation`` measures it; ``settings`` and ``cli`` sit on top.
 The library API, stable from now on (imported lazily: ``import gem_backend`` loads no torch):
 
     from gem_backend import GEM, GEMPredictor, SegmentationSettings, load_gem_model, mask2rle, rle2mask
+    from gem_backend import create_method, method_names, pamr     # GEM's successors, PAMR refinement
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ _API = {
     "SegmentationSettings": "gem_backend.algorithm.segmentation",
     "load_gem_model": "gem_backend.algorithm.models",
     "LoadedModel": "gem_backend.algorithm.models",
+    "create_method": "gem_backend.algorithm.methods",
+    "method_names": "gem_backend.algorithm.methods",
+    "check_method_options": "gem_backend.algorithm.methods",
+    "MethodError": "gem_backend.algorithm.methods",
+    "DenseCLIP": "gem_backend.algorithm.dense",
+    "pamr": "gem_backend.algorithm.refine",
     "mask2rle": "gem_backend.labelstudio.brush",
     "rle2mask": "gem_backend.labelstudio.brush",
 }

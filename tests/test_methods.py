@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gem_backend.gem import GEM, UnsupportedModelError
-from gem_backend.methods import (MethodError, check_method_options, create, create_method, gaussian_bias,
+from gem_backend.algorithm.gem import GEM, UnsupportedModelError
+from gem_backend.algorithm.methods import (MethodError, check_method_options, create, create_method, gaussian_bias,
                                  interpolate_pos_encoding, method_defaults, method_names)
 from helpers import SHARED, shared_path, tiny_clip
 
@@ -248,7 +248,7 @@ def test_unsupported_tower_is_refused_by_name():
 
 # ---------------------------------------------------------------------- pieces
 def test_positional_resize_is_the_repositories():
-    from gem_backend.gem import resample_pos_embed
+    from gem_backend.algorithm.gem import resample_pos_embed
 
     pos = torch.randn(1 + 14 * 14, 8, generator=torch.Generator().manual_seed(0))
     assert interpolate_pos_encoding(pos, (14, 14), (14, 14)) is pos  # nothing at the native grid

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gem_backend.refine import pamr, pamr_affinity
+from gem_backend.algorithm.refine import pamr, pamr_affinity
 from helpers import SHARED, shared_path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -174,7 +174,7 @@ def test_memory_stays_bounded_for_100_labels_at_a_megapixel():
     script = textwrap.dedent("""
         import resource, torch
         torch.set_num_threads(1)
-        from gem_backend.refine import pamr
+        from gem_backend.algorithm.refine import pamr
         image = torch.randn(1, 3, 1000, 1000)
         masks = torch.randn(1, 100, 1000, 1000)  # 381 MB, touched before the baseline
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -201,12 +201,14 @@ def test_no_private_name_crosses_a_module():
 def test_top_level_api_is_lazy_and_complete():
     code = ("import sys, gem_backend; "
             "assert 'torch' not in sys.modules, 'import gem_backend loaded torch'; "
-            "from gem_backend import GEM, GEMPredictor, SegmentationSettings, load_gem_model, mask2rle, rle2mask; "
+            "from gem_backend import (GEM, GEMPredictor, SegmentationSettings, load_gem_model, mask2rle, rle2mask, "
+            "create_method, pamr, method_names); "
             "import gem_backend.algorithm.gem as g; assert GEM is g.GEM; "
             "print(sorted(gem_backend.__all__))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    for name in ("GEM", "GEMPredictor", "SegmentationSettings", "load_gem_model", "mask2rle", "rle2mask"):
+    for name in ("GEM", "GEMPredictor", "SegmentationSettings", "load_gem_model", "mask2rle", "rle2mask",
+                 "create_method", "pamr", "method_names"):
         assert name in out.stdout
 
 

@@ -54,7 +54,7 @@ class GEM(DenseCLIP):
         UnsupportedModelError: for towers GEM is not defined on.
 
     The text tower, :meth:`patch_similarity`, :meth:`grid_for` and :meth:`similarity_maps`
-    (on the GEM tokens) come from :class:`~gem_backend.dense.DenseCLIP`.
+    (on the GEM tokens) come from :class:`~gem_backend.algorithm.dense.DenseCLIP`.
     """
 
     def __init__(self, clip_model: nn.Module, depth: int = 7, ss_attn_iter: int = 1,

@@ -252,7 +252,7 @@ class CLIPMethod(DenseCLIP):
 class GEMMethod(GEM):
     """GEM as a method: :meth:`encode_image` returns the GEM tokens only, ``[B, 1+N, D]``.
 
-    Its :meth:`similarity_maps` are :class:`~gem_backend.gem.GEM`'s.
+    Its :meth:`similarity_maps` are :class:`~gem_backend.algorithm.gem.GEM`'s.
     """
 
     name = "gem"

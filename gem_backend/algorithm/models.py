@@ -1,7 +1,7 @@
 """The one place that turns a model name and a weights source into a ready GEM model.
 
 ``load_gem_model("ViT-B-16-quickgelu", "metaclip_400m")`` -> :class:`LoadedModel` holding
-the :class:`~gem_backend.gem.GEM` wrapper, the normalisation constants and a string that
+the :class:`~gem_backend.algorithm.gem.GEM` wrapper, the normalisation constants and a string that
 identifies the weights (for cache keys and ``model_version``).
 
 Model names: any open_clip built-in name (``open_clip.list_models()``) or the path of an
