@@ -84,6 +84,48 @@ def _parse_allowed_hosts(value: str) -> tuple[str, ...]:
     return parse_allowed_hosts(value)
 
 
+def _parse_method(value: str) -> str:
+    from .algorithm.methods import method_names
+
+    name = str(value).strip().lower()
+    if name not in method_names():
+        raise ValueError(f"unknown method; valid methods: {', '.join(method_names())}")
+    return name
+
+
+def _parse_options(value: str | Mapping) -> tuple[tuple[str, Any], ...]:
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not a JSON object: {err.msg}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a JSON object of the method's options, e.g. {\"gaussian_std\": 3}")
+    return tuple(sorted((str(k), v) for k, v in value.items()))
+
+
+def _parse_refine(value: str) -> str:
+    from .algorithm.segmentation import REFINE_KINDS
+
+    kind = str(value).strip().lower()
+    if kind not in REFINE_KINDS:
+        raise ValueError(f"must be one of {', '.join(REFINE_KINDS)}")
+    return kind
+
+
+def _parse_ints(value: str | list | tuple) -> tuple[int, ...]:
+    items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        if isinstance(item, bool) or float(item) != int(float(item)):
+            raise ValueError(f"not an integer: {item!r}")
+        out.append(int(float(item)))
+    if not out:
+        raise ValueError("at least one integer is needed")
+    return tuple(out)
+
+
 # Segmentation fields overridable per project: extra_params key -> (env name, parser)
 _SEG_FIELDS: dict[str, tuple[str, Any]] = {
     "input_size": ("GEM_INPUT_SIZE", int),
@@ -99,6 +141,15 @@ _SEG_FIELDS: dict[str, tuple[str, Any]] = {
     "prototypes": ("GEM_PROTOTYPES", _parse_bool),
     "prototype_strength": ("GEM_PROTOTYPE_STRENGTH", float),
     "prototype_min_annotations": ("GEM_PROTOTYPE_MIN_ANNOTATIONS", int),
+    "method": ("GEM_METHOD", _parse_method),
+    "method_options": ("GEM_METHOD_OPTIONS", _parse_options),
+    "refine": ("GEM_REFINE", _parse_refine),
+    "refine_iterations": ("GEM_REFINE_ITERATIONS", int),
+    "refine_dilations": ("GEM_REFINE_DILATIONS", _parse_ints),
+    "windows_above": ("GEM_WINDOWS_ABOVE", int),
+    "window": ("GEM_WINDOW", int),
+    "window_stride": ("GEM_WINDOW_STRIDE", int),
+    "window_short_side": ("GEM_WINDOW_SHORT_SIDE", int),
 }
 
 
@@ -282,15 +333,25 @@ def _versioned(seg: SegmentationSettings) -> dict:
     if not seg.prototypes:  # the prototype knobs change nothing while prototypes are off
         out.pop("prototype_strength")
         out.pop("prototype_min_annotations")
+    if seg.refine == "none":
+        out.pop("refine_iterations")
+        out.pop("refine_dilations")
+    if not seg.windows_above:
+        for key in ("window", "window_stride", "window_short_side"):
+            out.pop(key)
     for key, default in _LATER_SEG_DEFAULTS.items():
         if key in out and out[key] == default:
             out.pop(key)
+    if "method_options" in out:
+        out["method_options"] = dict(seg.method_options)
     return out
 
 
 # (settings added after the first release: name -> default)
 _LATER_SEG_DEFAULTS = {key: getattr(SegmentationSettings(), key) for key in (
-    "polygon_tolerance", "score", "prototypes", "prototype_strength", "prototype_min_annotations")}
+    "polygon_tolerance", "score", "prototypes", "prototype_strength", "prototype_min_annotations", "method",
+    "method_options", "refine", "refine_iterations", "refine_dilations", "windows_above", "window", "window_stride",
+    "window_short_side")}
 
 
 def parse_extra_params(extra_params: str | Mapping | None) -> dict:

@@ -50,13 +50,14 @@ def test_batched_request_equals_one_by_one(loaded, tmp_path, monkeypatch):
     tasks.append({"id": 10, "data": {"image": "data:image/png;base64,bm90IGFuIGltYWdl"}})
 
     calls = []
-    original = loaded.gem.encode_image
+    tower = loaded.method("gem")  # the dense method the predictor runs (GEM's tokens)
+    original = tower.encode_image
 
     def counting(x):
         calls.append(x.shape[0])
         return original(x)
 
-    monkeypatch.setattr(loaded.gem, "encode_image", counting)
+    monkeypatch.setattr(tower, "encode_image", counting)
     one = _service(loaded, tmp_path, 1).predict_tasks(tasks, CONFIG)
     one_calls = list(calls)
     calls.clear()

@@ -295,13 +295,14 @@ def test_set_image_once_predict_many_reuses_the_embedding(loaded, monkeypatch):
     expected = [GEMPredictor(loaded, settings).segment(image, labels) for labels in (first, second)]
 
     calls = []
-    original = loaded.gem.encode_image
+    tower = loaded.method("gem")  # the dense method the predictor runs (GEM's tokens)
+    original = tower.encode_image
 
     def counting(images):
         calls.append(tuple(images.shape))
         return original(images)
 
-    monkeypatch.setattr(loaded.gem, "encode_image", counting)
+    monkeypatch.setattr(tower, "encode_image", counting)
     predictor = GEMPredictor(loaded, settings)
     with pytest.raises(RuntimeError, match="set_image"):
         predictor.predict(first)

@@ -20,12 +20,16 @@ import json
 import logging
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .gem import GEM
+
+if TYPE_CHECKING:
+    from .dense import DenseCLIP
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +66,33 @@ class LoadedModel:
     image_size: tuple[int, int]
     device: torch.device
     dtype: torch.dtype
+    methods: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def random_weights(self) -> bool:
         return self.pretrained == "none"
+
+    def method(self, name: str = "gem", options=()) -> "DenseCLIP":
+        """The dense method ``name`` on this model's CLIP (built once per options, sharing
+        the weights): ``gem`` with no options is :attr:`gem`'s own configuration.
+
+        Args:
+            options: a mapping or ``(name, value)`` pairs of the method's options.
+        Raises:
+            MethodError: unknown method or option, invalid value.
+        """
+        from .methods import create_method
+
+        given = dict(options)
+        if name == "gem":
+            given = {"depth": self.gem.depth, "ss_attn_iter": self.gem.ss_attn_iter,
+                     "ss_attn_temp": self.gem.ss_attn_temp, **given}
+        key = (name, tuple(sorted(given.items())))
+        found = self.methods.get(key)
+        if found is None:
+            found = create_method(name, self.gem.model, tokenizer=self.gem.tokenizer, **given)
+            self.methods[key] = found
+        return found
 
 
 def resolve_device(device: str | None = None) -> torch.device:

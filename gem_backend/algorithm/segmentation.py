@@ -36,6 +36,8 @@ DEFAULT_BACKGROUND_PROMPTS: tuple[str, ...] = ("background", "wall", "floor", "g
 
 # task-level score kinds (SegmentationSettings.score): see Segmentation.task_score
 SCORE_KINDS: tuple[str, ...] = ("mean_prob", "margin")
+# refinements of the logits before the decision (SegmentationSettings.refine)
+REFINE_KINDS: tuple[str, ...] = ("none", "pamr")
 # key of the background prototype in a prompt -> prototype mapping (see blend_prototypes): it is
 # blended into every background prompt
 BACKGROUND_KEY = "__background__"
@@ -68,6 +70,20 @@ class SegmentationSettings:
         prototype_strength: ``s`` of the blend weight ``a = s * n / (n + n_min)``.
         prototype_min_annotations: ``n_min``: a label's prototype is used once at least this
             many annotations hold the label.
+        method: the dense method giving the patch tokens (:func:`gem_backend.algorithm.methods.
+            method_names`): ``gem`` (default), ``sclip``, ``clearclip``, ``naclip``, ``clip``.
+        method_options: that method's options as sorted ``(name, value)`` pairs, complete
+            (defaults filled in by :func:`~gem_backend.algorithm.methods.check_method_options`);
+            for ``gem``, options given here override the model's depth/iterations/temperature.
+        refine: ``none`` or ``pamr`` (:func:`gem_backend.algorithm.refine.pamr` on the logits at
+            the model input size, guided by the input image, before the softmax).
+        refine_iterations, refine_dilations: PAMR's iterations and dilations.
+        windows_above: images whose long side exceeds this many pixels are seen through sliding
+            windows at a larger working size instead of being shrunk to ``input_size``; 0 = never.
+        window: the windows' side at the working size, in pixels (a multiple of the patch).
+        window_stride: step between windows, in pixels (a multiple of the patch).
+        window_short_side: the largest short side of the working size (the image is never
+            enlarged; the long side follows the aspect ratio, both rounded to the patch).
     """
 
     input_size: int = 448
@@ -83,8 +99,45 @@ class SegmentationSettings:
     prototypes: bool = False
     prototype_strength: float = 0.5
     prototype_min_annotations: int = 2
+    method: str = "gem"
+    method_options: tuple[tuple[str, object], ...] = ()
+    refine: str = "none"
+    refine_iterations: int = 10
+    refine_dilations: tuple[int, ...] = (8, 16)
+    windows_above: int = 0
+    window: int = 448
+    window_stride: int = 224
+    window_short_side: int = 1344
+
+    @property
+    def decode_short_side(self) -> int:
+        """The short side an image needs when decoded (a JPEG may decode at a reduced scale)."""
+        return self.window_short_side if self.windows_above else self.input_size
 
     def __post_init__(self):
+        from .methods import MethodError, check_method_options
+
+        try:
+            full = check_method_options(self.method, dict(self.method_options))
+        except MethodError as err:
+            raise ValueError(str(err)) from None
+        if self.method != "gem":  # gem's options default to the model's, kept as given
+            object.__setattr__(self, "method_options", tuple(sorted(full.items())))
+        else:
+            object.__setattr__(self, "method_options", tuple(sorted(dict(self.method_options).items())))
+        if self.refine not in REFINE_KINDS:
+            raise ValueError(f"refine must be one of {', '.join(REFINE_KINDS)}, got {self.refine!r}")
+        if self.refine_iterations < 0:
+            raise ValueError(f"refine_iterations must be >= 0, got {self.refine_iterations}")
+        if not self.refine_dilations or any(int(d) != d or d < 1 for d in self.refine_dilations):
+            raise ValueError(f"refine_dilations must be positive integers, got {self.refine_dilations!r}")
+        if self.windows_above < 0:
+            raise ValueError(f"windows_above must be >= 0 (0 = never), got {self.windows_above}")
+        if self.window < 16 or self.window_stride < 1 or self.window_stride > self.window:
+            raise ValueError(f"window must be >= 16 and window_stride in [1, window], got {self.window} and "
+                             f"{self.window_stride}")
+        if self.window_short_side < self.window:
+            raise ValueError(f"window_short_side must be >= window ({self.window}), got {self.window_short_side}")
         if self.input_size < 16:
             raise ValueError(f"input_size must be >= 16, got {self.input_size}")
         if self.max_long_side < self.input_size:
@@ -107,10 +160,28 @@ class SegmentationSettings:
             raise ValueError(f"prototype_min_annotations must be >= 1, got {self.prototype_min_annotations}")
 
 
+def uses_windows(height: int, width: int, settings: SegmentationSettings) -> bool:
+    """True when an ``height x width`` image is seen through sliding windows (its long side
+    exceeds ``settings.windows_above``, which is not 0)."""
+    return bool(settings.windows_above) and max(height, width) > settings.windows_above
+
+
 def model_input_size(height: int, width: int, settings: SegmentationSettings,
-                     patch: tuple[int, int]) -> tuple[int, int]:
-    """``(H_in, W_in)`` for an ``height x width`` image: multiples of the patch size."""
+                     patch: tuple[int, int], windows: bool | None = None) -> tuple[int, int]:
+    """``(H_in, W_in)`` for an ``height x width`` image: multiples of the patch size.
+
+    Through windows (``windows``; default :func:`uses_windows` of this size): the image's own size, its short side capped at
+    ``window_short_side`` and never under ``window``, rounded to the patch; else the short
+    side ``input_size`` with the long side capped at ``max_long_side``.
+    """
     ph, pw = patch
+    if windows is None:
+        windows = uses_windows(height, width, settings)
+    if windows:
+        scale = min(1.0, settings.window_short_side / min(height, width))
+        scale = max(scale, settings.window / min(height, width))
+        return (max(settings.window, round(height * scale / ph) * ph),
+                max(settings.window, round(width * scale / pw) * pw))
     if settings.square:
         return max(ph, round(settings.input_size / ph) * ph), max(pw, round(settings.input_size / pw) * pw)
     scale = settings.input_size / min(height, width)
@@ -184,14 +255,18 @@ class ImageEmbedding:
     Attributes:
         patches: ``[h*w, D]`` float32 L2-normalised GEM patch tokens, row-major.
         grid: ``(h, w)`` token grid.
-        input_size: ``(H_in, W_in)`` model input size.
+        input_size: ``(H_in, W_in)`` model input size (the working size, for an image seen
+            through sliding windows).
         original_size: ``(H, W)`` of the image as given.
+        guide: ``[H_in, W_in, 3]`` uint8, the image at the input size: what refinement
+            (PAMR) follows; None when not kept.
     """
 
     patches: torch.Tensor
     grid: tuple[int, int]
     input_size: tuple[int, int]
     original_size: tuple[int, int]
+    guide: torch.Tensor | None = None
 
 
 class GEMPredictor:
@@ -209,6 +284,8 @@ class GEMPredictor:
         self.loaded = loaded
         self.gem = loaded.gem
         self.settings = settings or SegmentationSettings()
+        # the dense method giving the patch tokens; the text tower is the model's, shared
+        self.method = loaded.method(self.settings.method, self.settings.method_options)
         self._text_encoder = text_encoder
         self._mean = torch.tensor(loaded.mean, dtype=torch.float32).reshape(3, 1, 1)
         self._std = torch.tensor(loaded.std, dtype=torch.float32).reshape(3, 1, 1)
@@ -224,11 +301,15 @@ class GEMPredictor:
             return self.gem.encode_text(list(labels), templates).float().cpu().numpy()
 
     # ------------------------------------------------------------------ image
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """``[H, W, 3]`` uint8 RGB -> ``[1, 3, H_in, W_in]`` normalised float32 tensor."""
+    def preprocess(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``[H, W, 3]`` uint8 RGB -> ``[1, 3, H_in, W_in]`` normalised float32 tensor.
+
+        ``original_size``: ``(H0, W0)`` when ``image`` is a reduced copy; whether the image is
+        seen through windows depends on it (:func:`uses_windows`)."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be [H, W, 3] uint8 RGB, got {image.shape} {image.dtype}")
-        h_in, w_in = model_input_size(image.shape[0], image.shape[1], self.settings, self.gem.patch_size)
+        windows = uses_windows(*(original_size or image.shape[:2]), self.settings)
+        h_in, w_in = model_input_size(image.shape[0], image.shape[1], self.settings, self.gem.patch_size, windows)
         pil = Image.fromarray(image)
         if pil.size != (w_in, h_in):
             pil = pil.resize((w_in, h_in), Image.Resampling.BICUBIC)
@@ -243,8 +324,8 @@ class GEMPredictor:
             original_size: ``(H0, W0)`` the masks are wanted at, when ``image`` is a
                 reduced copy (e.g. a JPEG decoded at 1/4 scale); default ``(H, W)``.
         """
-        x = self.preprocess(image)
         size = tuple(original_size) if original_size else (image.shape[0], image.shape[1])
+        x = self.preprocess(image, size)
         self.embedding = self.embed_batch(x, [size])[0]
         return self.embedding
 
@@ -253,16 +334,44 @@ class GEMPredictor:
 
         Args:
             x: ``[B, 3, H_in, W_in]`` from :meth:`preprocess` (concatenated).
-            original_sizes: ``B`` sizes ``(H0, W0)`` the masks are wanted at.
+            original_sizes: ``B`` sizes ``(H0, W0)`` the masks are wanted at; an image whose
+                size :func:`uses_windows` is seen through sliding windows (one forward per
+                window, the tokens stitched on its grid: :func:`~gem_backend.algorithm.windows.
+                stitched_tokens`).
         Returns:
             ``B`` :class:`ImageEmbedding`; each image's result is the same as alone.
         """
-        with torch.inference_mode():
-            feat_gem, _ = self.gem.encode_image(x)
+        s = self.settings
         grid = self.gem.grid_for(x.shape[-2], x.shape[-1])
-        patches = F.normalize(feat_gem[:, 1:].float(), dim=-1).cpu()
+        windowed = [uses_windows(*size, s) for size in original_sizes]
+        with torch.inference_mode():
+            if any(windowed):
+                from .windows import stitched_tokens
+
+                patch = self.gem.patch_size[0]
+                patches = torch.stack([
+                    stitched_tokens(self.method.encode_image, x[i].to(self.method.device), s.window,
+                                    s.window_stride, patch) if w
+                    else F.normalize(self.method.encode_image(x[i:i + 1])[0, 1:].float(), dim=-1)
+                    for i, w in enumerate(windowed)]).cpu()
+            else:
+                patches = F.normalize(self.method.encode_image(x)[:, 1:].float(), dim=-1).cpu()
+        # the uint8 image back from its normalisation (exact: it was uint8 / 255), for refinement
+        guide = ((x.float() * self._std + self._mean) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+        guide = guide.permute(0, 2, 3, 1).cpu()
         return [ImageEmbedding(patches=patches[i], grid=grid, input_size=tuple(x.shape[-2:]),
-                               original_size=tuple(size)) for i, size in enumerate(original_sizes)]
+                               original_size=tuple(size), guide=guide[i]) for i, size in enumerate(original_sizes)]
+
+    def refine(self, logits: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
+        """``settings.refine`` applied to ``[P, H_in, W_in]`` logits (PAMR guided by the input
+        image); the same tensor when refinement is off or the embedding keeps no image."""
+        s = self.settings
+        if s.refine == "none" or embedding.guide is None or logits.shape[0] == 0:
+            return logits
+        from .refine import pamr
+
+        guide = embedding.guide.permute(2, 0, 1)[None].float()
+        return pamr(guide, logits[None], iterations=s.refine_iterations, dilations=s.refine_dilations)[0]
 
     # ------------------------------------------------------------------ decision
     def prompt_embeddings(self, labels: Sequence[str], prototypes: Mapping[str, tuple] | None = None) -> torch.Tensor:
@@ -292,6 +401,7 @@ class GEMPredictor:
         text = self.prompt_embeddings(labels, prototypes)
         sim = (emb.patches @ text.t()).t().reshape(1, text.shape[0], *emb.grid)
         sim = F.interpolate(sim, size=emb.input_size, mode="bilinear", align_corners=False)[0]
+        sim = self.refine(sim, emb)
         return torch.softmax(sim * self.settings.logit_scale, dim=0).numpy()
 
     def predict(self, labels: Sequence[str], embedding: ImageEmbedding | None = None,
@@ -356,7 +466,9 @@ class GEMPredictor:
         top = top2 = total = winner = None
         for start in range(0, n_prompts, DECISION_CHUNK):
             chunk = F.interpolate(sim[:, start:start + DECISION_CHUNK], size=emb.input_size, mode="bilinear",
-                                  align_corners=False)[0].mul_(self.settings.logit_scale)
+                                  align_corners=False)[0]
+            # PAMR is linear in the maps: refining chunk by chunk is refining all at once
+            chunk = self.refine(chunk, emb).mul_(self.settings.logit_scale)
             if chunk.shape[0] > 1:
                 pair = chunk.topk(2, dim=0).values
                 c_top, c_top2 = pair[0], pair[1]

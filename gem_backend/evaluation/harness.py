@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..algorithm.windows import sliding_windows, stitched_tokens, windows_aligned
 from .datasets import (IGNORE, CLEARCLIP_VOC21_PROMPTS, DatasetSpec, OpenImagesV7, Sample, get_dataset,
                        load_image, voc_palette)
 
@@ -263,22 +264,6 @@ def resized_size(height: int, width: int, protocol: Protocol) -> tuple[int, int]
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-def sliding_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
-    """SCLIP/mmseg sliding windows ``(y1, y2, x1, x2)`` over an ``height x width`` image.
-
-    Windows start every ``stride`` pixels; the last one in each direction is moved back to
-    end at the border; an image smaller than ``crop`` is one window of its own size.
-    """
-    rows = max(height - crop + stride - 1, 0) // stride + 1
-    cols = max(width - crop + stride - 1, 0) // stride + 1
-    out = []
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
-            out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    return out
-
-
 def _centre_pad(h: int, w: int, patch: int) -> tuple[int, int, int, int]:
     """``(left, right, top, bottom)`` padding to the next multiple of the patch."""
     lr = (-w) % patch
@@ -447,6 +432,10 @@ class Segmenter:
             p = self.protocol
             if p.crop <= 0:
                 return self._windows(x, [(0, h, 0, w)], text, full_size=False)[0]
+            if windows_aligned(h, w, p.crop, p.stride, self.patch):
+                # on the token grid: the same stitched tokens as serving (algorithm.windows)
+                feat = stitched_tokens(self.encode_image, x, p.crop, p.stride, self.patch, self.batch_size)
+                return (feat @ text.t()).t().reshape(text.shape[0], h // self.patch, w // self.patch)
             boxes = sliding_windows(h, w, p.crop, p.stride)
             preds = torch.zeros(text.shape[0], h, w, device=self.device)
             count = torch.zeros(1, h, w, device=self.device)

@@ -48,9 +48,16 @@ def image_namespace(settings, segmentation: SegmentationSettings, dtype: str | N
     """Everything besides the image bytes that changes the cached features: the model and
     GEM settings, the dtype the model runs in (default: ``settings.precision``) and the
     input sizing of ``segmentation``."""
-    return json.dumps([settings.model, settings.weights_id, settings.depth, settings.ss_attn_iter,
-                       settings.ss_attn_temp, dtype or settings.precision,
-                       segmentation.input_size, segmentation.max_long_side, bool(segmentation.square)])
+    parts = [settings.model, settings.weights_id, settings.depth, settings.ss_attn_iter,
+             settings.ss_attn_temp, dtype or settings.precision,
+             segmentation.input_size, segmentation.max_long_side, bool(segmentation.square)]
+    # added later: only when not the default, so existing cache entries stay valid
+    if segmentation.method != "gem" or segmentation.method_options:
+        parts.append(["method", segmentation.method, [list(kv) for kv in segmentation.method_options]])
+    if segmentation.windows_above:
+        parts.append(["windows", segmentation.windows_above, segmentation.window, segmentation.window_stride,
+                      segmentation.window_short_side])
+    return json.dumps(parts)
 
 
 def embedding_key(data: bytes, namespace: str) -> str:
@@ -60,7 +67,8 @@ def embedding_key(data: bytes, namespace: str) -> str:
 
 
 def embedding_nbytes(emb: ImageEmbedding) -> int:
-    return int(emb.patches.numel() * emb.patches.element_size()) + 256
+    guide = 0 if emb.guide is None else int(emb.guide.numel())
+    return int(emb.patches.numel() * emb.patches.element_size()) + guide + 256
 
 
 def encode_embedding(emb: ImageEmbedding, dtype: str = "<f4") -> bytes:
@@ -68,10 +76,11 @@ def encode_embedding(emb: ImageEmbedding, dtype: str = "<f4") -> bytes:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     patches = emb.patches.detach().to(torch.float32).cpu().numpy()
+    guide = b"" if emb.guide is None else emb.guide.detach().cpu().numpy().astype(np.uint8).tobytes()
     header = json.dumps(dict(grid=list(emb.grid), input_size=list(emb.input_size),
                              original_size=list(emb.original_size), shape=list(patches.shape),
-                             dtype=dtype)).encode()
-    return _HEAD.pack(_MAGIC, len(header)) + header + patches.astype(dtype).tobytes()
+                             dtype=dtype, guide=bool(guide))).encode()
+    return _HEAD.pack(_MAGIC, len(header)) + header + patches.astype(dtype).tobytes() + guide
 
 
 def decode_embedding(raw: object) -> ImageEmbedding | None:
@@ -87,14 +96,19 @@ def decode_embedding(raw: object) -> ImageEmbedding | None:
         grid = tuple(int(v) for v in header["grid"])
         body = bytes(raw[_HEAD.size + hlen:])
         dtype = header.get("dtype")
-        if dtype not in _DTYPES or len(body) != _DTYPES[dtype] * n * dim or grid[0] * grid[1] != n:
+        input_size = tuple(int(v) for v in header["input_size"])
+        n_patch = _DTYPES[dtype] * n * dim if dtype in _DTYPES else -1
+        n_guide = 3 * input_size[0] * input_size[1] if header.get("guide") else 0
+        if n_patch < 0 or len(body) != n_patch + n_guide or grid[0] * grid[1] != n:
             return None
-        patches = np.frombuffer(body, dtype=dtype).astype(np.float32).reshape(n, dim)
+        patches = np.frombuffer(body[:n_patch], dtype=dtype).astype(np.float32).reshape(n, dim)
         if not np.isfinite(patches).all():
             return None
-        return ImageEmbedding(patches=torch.from_numpy(patches), grid=grid,
-                              input_size=tuple(int(v) for v in header["input_size"]),
-                              original_size=tuple(int(v) for v in header["original_size"]))
+        guide = None
+        if n_guide:
+            guide = torch.from_numpy(np.frombuffer(body[n_patch:], np.uint8).reshape(*input_size, 3).copy())
+        return ImageEmbedding(patches=torch.from_numpy(patches), grid=grid, input_size=input_size,
+                              original_size=tuple(int(v) for v in header["original_size"]), guide=guide)
     except (ValueError, KeyError, TypeError, struct.error):
         return None
 

@@ -318,12 +318,14 @@ class GEMService:
         loaded = self.load()
         key = embedding_key(data, image_namespace(self.settings, segmentation, str(loaded.dtype)))
         embedding, where = self.image_cache.get(key)
+        if embedding is not None and embedding.guide is None and segmentation.refine != "none":
+            embedding, where = None, None  # cached before images were kept: refinement needs it
         self.metrics.image_cache.labels(result={"local": "local_hits", "redis": "redis_hits"}.get(where, "misses")).inc()
         if embedding is not None:
             self.metrics.fetch_seconds.observe(time.perf_counter() - started)
             return embedding
         # decoding large JPEGs at a reduced scale is enough for the model input
-        image = decode_image(data, source, self.fetcher.max_pixels, content_type, min_size=segmentation.input_size)
+        image = decode_image(data, source, self.fetcher.max_pixels, content_type, min_size=segmentation.decode_short_side)
         width, height = original_size(image)
         check_usable(width, height, source)
         pixels = np.asarray(image)
@@ -383,10 +385,10 @@ class GEMService:
                         ready[url] = cached
                         continue
                     image = decode_image(data, source, self.fetcher.max_pixels, content_type,
-                                    min_size=spec.segmentation.input_size)
+                                    min_size=spec.segmentation.decode_short_side)
                     width, height = original_size(image)
                     check_usable(width, height, source)
-                    pending[url] = (key, predictor.preprocess(np.asarray(image)), (height, width))
+                    pending[url] = (key, predictor.preprocess(np.asarray(image), (height, width)), (height, width))
                 except (ImageError, ValueError, OSError):
                     continue
         by_shape: dict[tuple, list[str]] = {}
