@@ -160,7 +160,7 @@ def _float_or_none(value: str) -> float | None:
 
 def _add_eval_parser(sub) -> None:
     from .evaluation.datasets import dataset_names
-    from .evaluation.harness import METHODS, OI_SCORES, PROTOCOLS, RESIZE_MODES
+    from .evaluation.harness import METHODS, OI_SCORES, PROTOCOLS, REFINES, RESIZE_MODES
 
     p = sub.add_parser("eval", help="mIoU on a public segmentation benchmark (see EVALUATION.md)",
                        description="Evaluate GEM (or vanilla CLIP) on a segmentation benchmark: mIoU, per-class "
@@ -171,7 +171,14 @@ def _add_eval_parser(sub) -> None:
                    help="gem: 448x448 one pass, one template (the paper); sclip: short side 336/448/560, "
                         "slide 224/112, 80 templates, per-dataset logit scale and threshold; clearclip: "
                         "ClearCLIP's settings (its re-run of GEM)")
-    p.add_argument("--method", default="gem", choices=METHODS, help="gem, or clip (vanilla CLIP patch tokens)")
+    p.add_argument("--method", default="gem", choices=METHODS,
+                   help="the dense method: gem, sclip, clearclip, naclip, or clip (vanilla CLIP patch tokens)")
+    p.add_argument("--method-options", help="JSON object of the method's options, e.g. '{\"gaussian_std\": 3}'")
+    p.add_argument("--refine", default="none", choices=REFINES, help="refinement of the logits: none or pamr")
+    p.add_argument("--refine-iterations", type=int, default=10, help="PAMR iterations (default 10)")
+    p.add_argument("--refine-dilations", default="8,16", help="PAMR dilations (default 8,16)")
+    p.add_argument("--compare", metavar="METHOD[+REFINE],...",
+                   help="run several variants on the dataset and write one table, e.g. gem,naclip,naclip+pamr")
     p.add_argument("--out", help="results and per-image cache (default out/eval/DATASET-PROTOCOL-METHOD)")
     p.add_argument("--save-predictions", metavar="DIR", help="write predicted label maps as palette PNGs")
     p.add_argument("--limit", type=int, help="first N images only")
@@ -215,7 +222,8 @@ def cmd_eval(args) -> int:
     import dataclasses
 
     from .evaluation.datasets import DatasetError, read_class_names
-    from .evaluation.harness import EvalConfig, EvalError, protocol_for, run_active_learning, run_evaluation
+    from .evaluation.harness import (EvalConfig, EvalError, parse_variants, protocol_for, run_active_learning,
+                                     run_comparison, run_evaluation, variant_name)
     from .algorithm.models import ModelLoadError, load_gem_model
     from .settings import Settings, SettingsError, parse_templates
 
@@ -257,12 +265,25 @@ def cmd_eval(args) -> int:
     except ModelLoadError as err:
         print(f"gem-backend eval: {err}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join("out", "eval", f"{args.dataset}-{args.protocol}-{args.method}")
-    cfg = EvalConfig(dataset=args.dataset, root=args.root, protocol=protocol, method=args.method, out_dir=out,
+    try:
+        options = json.loads(args.method_options) if args.method_options else {}
+        dilations = tuple(int(v) for v in args.refine_dilations.replace(",", " ").split())
+        if not isinstance(options, dict):
+            raise ValueError("--method-options must be a JSON object")
+    except ValueError as err:
+        print(f"gem-backend eval: {err}", file=sys.stderr)
+        return 2
+    variant = "compare" if args.compare else variant_name(args.method, args.refine)
+    out = args.out or os.path.join("out", "eval", f"{args.dataset}-{args.protocol}-{variant}")
+    cfg = EvalConfig(dataset=args.dataset, root=args.root, protocol=protocol, method=args.method,
+                     method_options=options, refine=args.refine, refine_iterations=args.refine_iterations,
+                     refine_dilations=dilations, out_dir=out,
                      save_predictions=args.save_predictions, limit=args.limit, overwrite=args.overwrite,
                      progress=not args.no_progress, batch_size=args.batch_size)
     try:
-        if ks is not None:
+        if args.compare:
+            run_comparison(cfg, loaded, parse_variants(args.compare))
+        elif ks is not None:
             run_active_learning(cfg, loaded, ks, strength=strength, min_annotations=min_annotations)
         else:
             run_evaluation(cfg, loaded)

@@ -284,12 +284,19 @@ class GEMPredictor:
         self.loaded = loaded
         self.gem = loaded.gem
         self.settings = settings or SegmentationSettings()
-        # the dense method giving the patch tokens; the text tower is the model's, shared
-        self.method = loaded.method(self.settings.method, self.settings.method_options)
+        self._method = None
         self._text_encoder = text_encoder
         self._mean = torch.tensor(loaded.mean, dtype=torch.float32).reshape(3, 1, 1)
         self._std = torch.tensor(loaded.std, dtype=torch.float32).reshape(3, 1, 1)
         self.embedding: ImageEmbedding | None = None
+
+    @property
+    def method(self):
+        """The dense method giving the patch tokens (``settings.method``), built on first use;
+        the text tower stays the model's, shared by every method."""
+        if self._method is None:
+            self._method = self.loaded.method(self.settings.method, self.settings.method_options)
+        return self._method
 
     # ------------------------------------------------------------------ text
     def encode_text(self, labels: Sequence[str]) -> np.ndarray:

@@ -47,13 +47,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..algorithm.methods import MethodError, check_method_options, method_names
+from ..algorithm.refine import pamr
+from ..algorithm.segmentation import REFINE_KINDS
 from ..algorithm.windows import sliding_windows, stitched_tokens, windows_aligned
 from .datasets import (IGNORE, CLEARCLIP_VOC21_PROMPTS, DatasetSpec, OpenImagesV7, Sample, get_dataset,
                        load_image, voc_palette)
@@ -61,13 +64,15 @@ from .datasets import (IGNORE, CLEARCLIP_VOC21_PROMPTS, DatasetSpec, OpenImagesV
 log = logging.getLogger(__name__)
 
 __all__ = ["Protocol", "PROTOCOLS", "protocol_for", "EvalError", "confusion_matrix", "segmentation_metrics",
-           "point_metrics", "sliding_windows", "resized_size", "decide", "point_scores", "Segmenter",
+           "point_metrics", "sliding_windows", "run_comparison", "parse_variants", "variant_name",
+           "comparison_markdown", "segmenter_for", "METHODS", "REFINES", "resized_size", "decide", "point_scores", "Segmenter",
            "EvalConfig", "run_evaluation", "results_markdown", "is_untrained", "GEM_TEMPLATE", "run_active_learning",
            "active_learning_markdown", "AL_KS"]
 
 GEM_TEMPLATE = "a photo of a {}."
 PROTOCOLS = ("gem", "sclip", "clearclip")
-METHODS = ("gem", "clip")
+METHODS = method_names()  # gem, sclip, clearclip, naclip, clip
+REFINES = REFINE_KINDS      # none, pamr
 RESIZE_MODES = ("square", "short", "fit", "none")
 OI_SCORES = ("minmax", "softmax", "cosine")
 
@@ -353,13 +358,21 @@ class Segmenter:
         batch_size: sliding windows per forward pass.
     """
 
-    def __init__(self, loaded, protocol: Protocol, method: str = "gem", batch_size: int = 8):
+    def __init__(self, loaded, protocol: Protocol, method: str = "gem", batch_size: int = 8,
+                 method_options: Mapping | None = None, refine: str = "none", refine_iterations: int = 10,
+                 refine_dilations: Sequence[int] = (8, 16)):
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if refine not in REFINES:
+            raise ValueError(f"refine must be one of {', '.join(REFINES)}, got {refine!r}")
         self.gem = loaded.gem
+        self.tower = loaded.method(method, method_options or {})
         self.device = loaded.device
         self.protocol = protocol
         self.method = method
+        self.refine = refine
+        self.refine_iterations = int(refine_iterations)
+        self.refine_dilations = tuple(refine_dilations)
         self.batch_size = max(1, int(batch_size))
         self.mean = torch.tensor(loaded.mean, dtype=torch.float32, device=self.device).view(3, 1, 1)
         self.std = torch.tensor(loaded.std, dtype=torch.float32, device=self.device).view(3, 1, 1)
@@ -393,8 +406,7 @@ class Segmenter:
 
     def _tokens(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``[B, 3, h, w]`` (multiples of the patch) -> ``[B, Q, h/P, w/P]`` float32 cosine."""
-        feat_gem, feat_ori = self.gem.encode_image(x)
-        feat = feat_gem if self.method == "gem" else feat_ori
+        feat = self.tower.encode_image(x)
         grid = self.gem.grid_for(x.shape[-2], x.shape[-1])
         return self.gem.patch_similarity(feat, text, grid).float()
 
@@ -434,7 +446,7 @@ class Segmenter:
                 return self._windows(x, [(0, h, 0, w)], text, full_size=False)[0]
             if windows_aligned(h, w, p.crop, p.stride, self.patch):
                 # on the token grid: the same stitched tokens as serving (algorithm.windows)
-                feat = stitched_tokens(self.encode_image, x, p.crop, p.stride, self.patch, self.batch_size)
+                feat = stitched_tokens(self.tower.encode_image, x, p.crop, p.stride, self.patch, self.batch_size)
                 return (feat @ text.t()).t().reshape(text.shape[0], h // self.patch, w // self.patch)
             boxes = sliding_windows(h, w, p.crop, p.stride)
             preds = torch.zeros(text.shape[0], h, w, device=self.device)
@@ -457,15 +469,29 @@ class Segmenter:
             if any(_centre_pad(h, w, self.patch)):
                 raise EvalError(f"the resized image {w}x{h} is not a multiple of the {self.patch} px patch: "
                                 "use --resize square (the gem protocol)")
-            feat_gem, feat_ori = self.gem.encode_image(x[None])
-            feat = feat_gem if self.method == "gem" else feat_ori
+            feat = self.tower.encode_image(x[None])
             return F.normalize(feat[0, 1:].float(), dim=-1).cpu(), self.gem.grid_for(h, w)
 
     def logits(self, image: np.ndarray, text: torch.Tensor) -> torch.Tensor:
-        """``[Q, H, W]`` float32 similarity maps at the image's own size."""
+        """``[Q, H, W]`` float32 similarity maps at the image's own size; refined by PAMR
+        there (guided by the image itself, as NACLIP's evaluation does) when ``refine``."""
         m = self.maps(image, text)
         with torch.inference_mode():
-            return F.interpolate(m[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+            out = F.interpolate(m[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+            if self.refine == "pamr":
+                guide = torch.from_numpy(np.ascontiguousarray(image)).to(out.device).permute(2, 0, 1)[None].float()
+                out = pamr(guide, out[None], self.refine_iterations, self.refine_dilations)[0]
+            return out
+
+
+def segmenter_for(cfg, loaded) -> Segmenter:
+    """The :class:`Segmenter` of an :class:`EvalConfig`; bad method options raise :class:`EvalError`."""
+    try:
+        options = check_method_options(cfg.method, cfg.method_options) if cfg.method != "gem" else cfg.method_options
+    except MethodError as err:
+        raise EvalError(str(err)) from None
+    return Segmenter(loaded, cfg.protocol, cfg.method, cfg.batch_size, method_options=options, refine=cfg.refine,
+                     refine_iterations=cfg.refine_iterations, refine_dilations=cfg.refine_dilations)
 
 
 def is_untrained(loaded) -> bool:
@@ -489,7 +515,8 @@ class EvalConfig:
         dataset: a name of :data:`gem_backend.datasets.DATASETS`.
         root: the dataset folder.
         protocol: the :class:`Protocol` (presets from :func:`protocol_for`, then overrides).
-        method: ``gem`` or ``clip``.
+        method: a method name (:data:`METHODS`); ``method_options`` its options.
+        refine: ``none`` or ``pamr`` (``refine_iterations``, ``refine_dilations``).
         out_dir: results, the per-image cache and ``run.json``.
         save_predictions: folder for the predicted label maps (palette PNGs), or None.
         limit: evaluate the first N images only.
@@ -502,6 +529,10 @@ class EvalConfig:
     root: str
     protocol: Protocol
     method: str = "gem"
+    method_options: dict = dataclasses.field(default_factory=dict)
+    refine: str = "none"
+    refine_iterations: int = 10
+    refine_dilations: tuple[int, ...] = (8, 16)
     out_dir: str = "out/eval"
     save_predictions: str | None = None
     limit: int | None = None
@@ -529,7 +560,19 @@ def _fingerprint(cfg: EvalConfig, loaded, classes: Sequence[str], prompts) -> di
                 protocol=cfg.protocol.describe(), model=loaded.model_name, weights=loaded.weights_id,
                 dtype=str(loaded.dtype).replace("torch.", ""), depth=gem.depth, ss_attn_iter=gem.ss_attn_iter,
                 ss_attn_temp=gem.ss_attn_temp, classes=list(classes),
-                prompts=None if prompts is None else [list(p) for p in prompts])
+                prompts=None if prompts is None else [list(p) for p in prompts],
+                **_variant(cfg))
+
+
+def _variant(cfg: EvalConfig) -> dict:
+    """The method options and refinement of a run, where not the defaults (so runs made before
+    they existed keep their fingerprint)."""
+    out = {}
+    if cfg.method_options:
+        out["method_options"] = dict(cfg.method_options)
+    if cfg.refine != "none":
+        out["refine"] = dict(kind=cfg.refine, iterations=cfg.refine_iterations, dilations=list(cfg.refine_dilations))
+    return out
 
 
 def _open_run(cfg: EvalConfig, fingerprint: dict) -> Path:
@@ -571,7 +614,7 @@ def run_evaluation(cfg: EvalConfig, loaded, echo: Callable[[str], None] = print)
     if untrained:
         echo("note: the model has random (untrained) weights: these numbers mean nothing; "
              "they only show that the harness runs")
-    segmenter = Segmenter(loaded, cfg.protocol, cfg.method, cfg.batch_size)
+    segmenter = segmenter_for(cfg, loaded)
     if spec.kind == "points":
         return _run_points(cfg, spec, loaded, segmenter, untrained, echo)
 
@@ -717,6 +760,7 @@ def _results(cfg, spec, loaded, untrained, n_images, n_cached, elapsed, m, per_c
         classes_in_mean=int(np.isfinite(m["iou"]).sum()),
         metric=metric, settings=cfg.protocol.describe(), per_class=per_class,
         predictions=str(cfg.save_predictions) if cfg.save_predictions else None,
+        variant=variant_name(cfg.method, cfg.refine), refine=cfg.refine, **_variant(cfg),
     )
     if untrained:
         out["warning"] = "random (untrained) weights: these numbers mean nothing"
@@ -725,6 +769,74 @@ def _results(cfg, spec, loaded, untrained, n_images, n_cached, elapsed, m, per_c
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
+
+
+# ---------------------------------------------------------------------------------- comparison
+def variant_name(method: str, refine: str = "none") -> str:
+    """``naclip`` or ``naclip+pamr``: how a comparison names a method with its refinement."""
+    return method if refine == "none" else f"{method}+{refine}"
+
+
+def parse_variants(text: str) -> list[tuple[str, str]]:
+    """``"gem,naclip,naclip+pamr"`` -> ``[("gem", "none"), ("naclip", "none"), ("naclip", "pamr")]``;
+    :class:`EvalError` naming the valid methods and refinements."""
+    out = []
+    for item in (part.strip() for part in str(text).split(",")):
+        if not item:
+            continue
+        method, _, refine = item.partition("+")
+        refine = refine or "none"
+        if method not in METHODS or refine not in REFINES:
+            raise EvalError(f"--compare {item!r}: METHOD[+REFINE] with METHOD one of {', '.join(METHODS)} and "
+                            f"REFINE one of {', '.join(r for r in REFINES if r != 'none')}")
+        if (method, refine) not in out:
+            out.append((method, refine))
+    if not out:
+        raise EvalError("--compare needs at least one METHOD[+REFINE]")
+    return out
+
+
+def run_comparison(cfg: EvalConfig, loaded, variants: Sequence[tuple[str, str]],
+                   echo: Callable[[str], None] = print) -> dict:
+    """Run :func:`run_evaluation` for each ``(method, refine)`` on one dataset, each in its own
+    resumable folder ``OUT/<variant>``, with one text-embedding cache for all (the text tower
+    is the model's whatever the method), and write ``OUT/comparison.json`` and ``.md``:
+    one row per variant (mIoU, mAcc, aAcc, seconds per image)."""
+    out = Path(cfg.out_dir)
+    rows = []
+    for method, refine in variants:
+        name = variant_name(method, refine)
+        sub = dataclasses.replace(cfg, method=method, refine=refine, out_dir=str(out / name),
+                                  method_options=cfg.method_options if method == cfg.method else {},
+                                  save_predictions=(str(Path(cfg.save_predictions) / name)
+                                                    if cfg.save_predictions else None))
+        echo(f"== {name}")
+        r = run_evaluation(sub, loaded, echo)
+        computed = r["images"] - r["images_from_cache"]
+        rows.append(dict(variant=name, method=method, refine=refine, mIoU=r["mIoU"], mAcc=r["mAcc"], aAcc=r["aAcc"],
+                         images=r["images"], seconds_per_image=(round(r["seconds"] / computed, 3) if computed else None),
+                         random_weights=r["random_weights"]))
+    result = dict(dataset=cfg.dataset, protocol=cfg.protocol.name, model=loaded.model_name,
+                  weights_id=loaded.weights_id, dtype=str(loaded.dtype).replace("torch.", ""), variants=rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.json").write_text(json.dumps(result, indent=1))
+    (out / "comparison.md").write_text(comparison_markdown(result))
+    echo(comparison_markdown(result))
+    return result
+
+
+def comparison_markdown(result: dict) -> str:
+    """One table: a row per variant."""
+    lines = [f"# {result['dataset']}, `{result['protocol']}` protocol: methods compared", "",
+             f"Model `{result['model']}`, weights `{result['weights_id']}` ({result['dtype']}).", ""]
+    if any(r["random_weights"] for r in result["variants"]):
+        lines += ["> **Random weights**: these numbers mean nothing; they only show that the harness runs.", ""]
+    lines += ["| variant | mIoU | mAcc | aAcc | images | s / image |", "|---|---:|---:|---:|---:|---:|"]
+    for r in result["variants"]:
+        spi = "cached" if r["seconds_per_image"] is None else f"{r['seconds_per_image']:.3f}"
+        lines.append(f"| {r['variant']} | {_fmt(r['mIoU'])} | {_fmt(r['mAcc'])} | {_fmt(r['aAcc'])} | "
+                     f"{r['images']} | {spi} |")
+    return "\n".join(lines) + "\n"
 
 
 def results_markdown(results: dict) -> str:
@@ -804,7 +916,7 @@ def run_active_learning(cfg: EvalConfig, loaded, ks: Sequence[int] = AL_KS, stre
     untrained = is_untrained(loaded)
     if untrained:
         echo("note: the model has random (untrained) weights: these numbers only show what the loop does")
-    segmenter = Segmenter(loaded, p, cfg.method, cfg.batch_size)
+    segmenter = segmenter_for(cfg, loaded)
     names = [n for group in prompts for n in group]
     query_class = torch.tensor([c for c, group in enumerate(prompts) for _ in group], dtype=torch.long)
     num_classes = len(spec.classes)
