@@ -760,7 +760,7 @@ def _results(cfg, spec, loaded, untrained, n_images, n_cached, elapsed, m, per_c
         classes_in_mean=int(np.isfinite(m["iou"]).sum()),
         metric=metric, settings=cfg.protocol.describe(), per_class=per_class,
         predictions=str(cfg.save_predictions) if cfg.save_predictions else None,
-        variant=variant_name(cfg.method, cfg.refine), refine=cfg.refine, **_variant(cfg),
+        variant=variant_name(cfg.method, cfg.refine), **{**dict(refine=dict(kind="none")), **_variant(cfg)},
     )
     if untrained:
         out["warning"] = "random (untrained) weights: these numbers mean nothing"
