@@ -5,6 +5,7 @@
     gem-backend eval --dataset voc21 --root DIR [--protocol gem]  mIoU on a benchmark (EVALUATION.md)
     gem-backend prelabel --project ID [--queue [--wait]]         pre-annotate a whole project via the API
     gem-backend worker                                           run queued pre-labeling jobs (REDIS_URL)
+    gem-backend refine-proxy --root DIR                          PAMR on ground-truth patch maps (EVALUATION.md)
 
 Every setting comes from the environment (``GEM_*``, see README); flags override them.
 """
@@ -328,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.bench import add_parser as add_bench
 
     add_bench(sub)
+
+    from .evaluation.proxy import add_parser as add_refine_proxy
+
+    add_refine_proxy(sub)
     return parser
 
 
