@@ -28,7 +28,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -116,58 +116,121 @@ def _synthetic_photo(width: int = 4000, height: int = 3000, seed: int = 0) -> by
     return buf.getvalue()
 
 
-def bench_e2e(loaded, labels: int = 20, runs: int = 2) -> dict:
-    """One task as /predict does it, stage by stage, on a 12 MP JPEG."""
-    from ..labelstudio.images import decode_image, original_size
-    from ..labelstudio.spec import BrushTarget
-    from ..labelstudio.results import brush_region, prediction
-    from ..algorithm.segmentation import GEMPredictor, ImageEmbedding, SegmentationSettings
+def _twenty_label_config(labels: Sequence[str]) -> str:
+    label_xml = "".join(f'<Label value="{n}"/>' for n in labels)
+    return (f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{label_xml}'
+            f'</BrushLabels></View>')
 
-    data = _synthetic_photo()
+
+class _TimedForward:
+    """Wraps ``gem.encode_image`` on the instance: the model forward's own seconds, summed."""
+
+    def __init__(self, gem):
+        self.gem, self.seconds, self.calls = gem, 0.0, 0
+        self.inner = gem.encode_image
+        sync = next(gem.model.parameters()).device.type == "cuda"
+
+        def timed(*args, **kwargs):
+            if sync:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            out = self.inner(*args, **kwargs)
+            if sync:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - started
+            self.calls += 1
+            return out
+
+        gem.encode_image = timed
+
+    def restore(self) -> None:
+        del self.gem.encode_image  # back to the class's method
+
+
+def bench_e2e(loaded, labels: int = 20, runs: int = 3, profile: bool = False) -> dict:
+    """One 12 MP JPEG task with ``labels`` brush labels through the Flask app's ``/predict``.
+
+    Threshold 0 (every pixel gets a label: the most regions, the worst case for RLE), a warm
+    text cache (the ``text`` section times text encoding). The forward is timed inside the
+    request (a wrapper around ``encode_image``); everything else the request does (fetch and
+    decode of the data URI, resize, the decision, masks, RLE, JSON) is ``other_s``. With
+    ``profile``, the non-forward part of one request is profiled (cProfile, top functions).
+    """
+    import base64
+
+    from ..serving.app import create_app
+    from ..serving.service import GEMService
+    from ..settings import Settings
+
     names = [f"label {i}" for i in range(labels)]
-    # threshold 0: every pixel gets a label, so RLE sees many regions (the worst case)
-    settings = SegmentationSettings(threshold=0.0, min_area=0.0)
-    target = BrushTarget("tag", "image", "image", tuple(names), tuple(names))
-    text = {}  # text cost is the `text` section's; a warm request has none
+    settings = Settings(model=loaded.model_name, pretrained="none", device=str(loaded.device),
+                        precision=str(loaded.dtype).replace("torch.", ""))
+    service = GEMService(settings, loaded=loaded)
+    client = create_app(settings, service=service).test_client()
+    body = {"label_config": _twenty_label_config(names), "extra_params": {"threshold": 0, "min_area": 0},
+            "tasks": [{"id": 1, "data": {"image": "data:image/jpeg;base64,"
+                                         + base64.b64encode(_synthetic_photo()).decode()}}]}
+    forward = _TimedForward(loaded.gem)
+    try:
+        def request() -> tuple[float, float, dict]:
+            service.image_cache.clear_local()  # a new image each time: no feature-cache hit
+            before = forward.seconds
+            started = time.perf_counter()
+            reply = client.post("/predict", json=body)
+            total = time.perf_counter() - started
+            if reply.status_code != 200:
+                raise RuntimeError(f"/predict answered {reply.status_code}: {reply.get_data(as_text=True)[:300]}")
+            return total, forward.seconds - before, reply.get_json()
 
-    def encode_cached(lab, tpl):
-        key = (tuple(lab), tuple(tpl))
-        if key not in text:
-            with torch.inference_mode():
-                text[key] = loaded.gem.encode_text(lab, tpl).float().cpu().numpy()
-        return text[key]
+        request()  # warm: text embeddings cached, lazy imports done, allocator warm
+        totals, forwards = [], []
+        for _ in range(runs):
+            total, fwd, out = request()
+            totals.append(total)
+            forwards.append(fwd)
+        top = None
+        if profile:
+            top = _profile_outside_forward(request, forward)
+    finally:
+        forward.restore()
+    other = [t - f for t, f in zip(totals, forwards)]
+    result = out["results"][0]["result"]
+    med_f, med_o = statistics.median(forwards), statistics.median(other)
+    rec = dict(bench="e2e", route="/predict", image="4000x3000 JPEG", labels=labels, regions=len(result),
+               dtype=str(loaded.dtype).replace("torch.", ""), threads=torch.get_num_threads(),
+               model_input="592x448", request_s=statistics.median(totals), forward_s=med_f, other_s=med_o,
+               other_min_s=min(other), forward_min_s=min(forwards), non_forward_over_forward=med_o / med_f,
+               runs=runs, rle_bytes=sum(len(r["value"]["rle"]) for r in result), peak_rss_mb=peak_rss_mb())
+    if top is not None:
+        rec["profile_outside_forward"] = top
+    return rec
 
-    predictor = GEMPredictor(loaded, settings, text_encoder=encode_cached)
-    predictor.encode_text(names)
-    stages = {k: [] for k in ("decode", "resize", "forward", "postprocess", "rle")}
-    regions = 0
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        image = decode_image(data, "bench.jpg", 100_000_000, "image/jpeg", min_size=settings.input_size)
-        width, height = original_size(image)
-        pixels = np.asarray(image)
-        t1 = time.perf_counter()
-        x = predictor.preprocess(pixels)
-        t2 = time.perf_counter()
-        with torch.inference_mode():
-            feat, _ = loaded.gem.encode_image(x)
-        t3 = time.perf_counter()
-        # the rest of set_image + predict: normalise patches, decide, upsample the label map
-        patches = torch.nn.functional.normalize(feat[0, 1:].float(), dim=-1).cpu()
-        emb = ImageEmbedding(patches, loaded.gem.grid_for(*x.shape[-2:]), tuple(x.shape[-2:]), (height, width))
-        seg = predictor.predict(names, emb)
-        masks = [(label, seg.mask(label)) for label in seg.present]
-        t4 = time.perf_counter()
-        result = prediction([brush_region(m, label, target, seg.scores[label]) for label, m in masks], "bench")
-        t5 = time.perf_counter()
-        regions = len(result["result"])
-        for key, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-            stages[key].append(value)
-    med = {k: statistics.median(v) for k, v in stages.items()}
-    other = med["decode"] + med["resize"] + med["postprocess"] + med["rle"]
-    return dict(bench="e2e", image=f"{width}x{height} JPEG", labels=labels, regions=regions,
-                model_input=f"{x.shape[-1]}x{x.shape[-2]}", **{f"{k}_s": v for k, v in med.items()},
-                non_forward_over_forward=other / med["forward"], peak_rss_mb=peak_rss_mb())
+
+def _profile_outside_forward(request: Callable[[], tuple], forward: "_TimedForward", top: int = 12) -> list:
+    """cProfile of one request; the functions with the most own time outside the forward."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    inner = forward.inner
+
+    def unprofiled(*args, **kwargs):  # the forward is not what is being profiled
+        prof.disable()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            prof.enable()
+
+    forward.inner = unprofiled
+    try:
+        prof.enable()
+        request()
+        prof.disable()
+    finally:
+        forward.inner = inner
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((v[2], v[3], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in stats.items()), reverse=True)
+    return [dict(function=name, own_s=round(own, 4), cumulative_s=round(cum, 4)) for own, cum, name in rows[:top]]
 
 
 def bench_click(loaded, labels: int = 10, runs: int = 3, clicks: int = 5) -> dict:
@@ -312,7 +375,7 @@ def run(args) -> list[dict]:
             if "text" in sections:
                 emit(bench_text(loaded))
             if "e2e" in sections:
-                emit(bench_e2e(loaded, labels=20))
+                emit(bench_e2e(loaded, labels=20, runs=args.runs, profile=args.profile))
             if "limit" in sections:
                 emit(bench_limit(loaded, args.size))
             if "click" in sections:
@@ -357,6 +420,7 @@ def add_parser(sub) -> None:
     p.add_argument("--sections", default="forward,text,e2e,rle,limit,click")
     p.add_argument("--reference", metavar="VENV", help="also time the official package in this venv")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the table")
+    p.add_argument("--profile", action="store_true", help="e2e: also profile the time outside the forward")
     p.set_defaults(func=cmd_bench)
 
 

@@ -36,7 +36,7 @@ def _finite_score(score: Any, what: str) -> float:
     return value
 
 
-def _mask2rle(mask: np.ndarray) -> list[int]:
+def _mask2rle(mask: np.ndarray, stretch: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
     try:
         from .brush import mask2rle
     except ModuleNotFoundError as exc:
@@ -44,6 +44,13 @@ def _mask2rle(mask: np.ndarray) -> list[int]:
         if exc.name != f"{__package__}.brush":
             raise
         from label_studio_sdk.converter.brush import mask2rle
+    if stretch is not None:
+        try:
+            from .brush import stretched_mask2rle
+        except ImportError:  # only the SDK's encoder: build the full-size mask
+            mask = np.ascontiguousarray(mask[stretch[0]][:, stretch[1]])
+        else:
+            return stretched_mask2rle(mask, *stretch)
     return [int(v) for v in mask2rle(mask)]
 
 
@@ -69,6 +76,7 @@ def brush_region(
     target: BrushTarget,
     score: float,
     region_id: str | None = None,
+    stretch: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """One Label Studio ``brushlabels`` result for one mask.
 
@@ -78,6 +86,11 @@ def brush_region(
     - ``label``: one of ``target.labels``.
     - ``score``: region confidence, usually in [0, 1].
     - ``region_id``: unique id within the prediction; a new random one when None.
+    - ``stretch``: ``(rows, cols)``, the full-size mask is ``mask[rows][:, cols]`` (a mask at
+      the model input size and the nearest-upsampling index maps,
+      :attr:`gem_backend.algorithm.segmentation.Segmentation.rows`/``cols``): the RLE is
+      computed from the small mask (:func:`~gem_backend.labelstudio.brush.stretched_mask2rle`,
+      the same bytes) and H x W is ``len(rows) x len(cols)``.
 
     Returns ``{"id", "from_name", "to_name", "type": "brushlabels", "original_width",
     "original_height", "image_rotation": 0, "score", "value": {"format": "rle", "rle": [int,
@@ -97,8 +110,15 @@ def brush_region(
     if label not in target.labels:
         raise ValueError(f"label {label!r} is not one of {list(target.labels)} of {target.from_name!r}")
 
-    height, width = mask.shape
-    value = {"format": "rle", "rle": _mask2rle(np.ascontiguousarray(mask)), "brushlabels": [label]}
+    if stretch is not None:
+        rows, cols = (np.asarray(a, np.int64) for a in stretch)
+        height, width = rows.size, cols.size
+        if not height or not width:
+            raise ValueError("stretch index maps must not be empty")
+        value = {"format": "rle", "rle": _mask2rle(mask, (rows, cols)), "brushlabels": [label]}
+    else:
+        height, width = mask.shape
+        value = {"format": "rle", "rle": _mask2rle(np.ascontiguousarray(mask)), "brushlabels": [label]}
     return _image_region("brushlabels", target, width, height, score, value, region_id)
 
 

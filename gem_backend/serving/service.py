@@ -27,7 +27,7 @@ from ..labelstudio.results import brush_region, choices_region, polygon_region, 
 from .metrics import Metrics
 from ..algorithm.regions import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
 from ..algorithm.segmentation import (BACKGROUND_KEY, GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings,
-                           resize_nearest)
+                                      nearest_indices)
 from ..settings import Settings, SettingsError
 from .text_cache import TextEmbeddingCache
 
@@ -487,8 +487,9 @@ class GEMService:
         height, width = embedding.original_size
         small = chosen.mask
         if isinstance(target, BrushTarget):
-            full = resize_nearest(small.astype(np.uint8), (height, width)).astype(bool)
-            regions = [brush_region(full, label, target, chosen.score)]
+            # the full-size mask is never built: its RLE comes from the small one
+            stretch = (nearest_indices(small.shape[0], height), nearest_indices(small.shape[1], width))
+            regions = [brush_region(small, label, target, chosen.score, stretch=stretch)]
         else:
             regions = [region for region, _, _ in
                        self._shapes(small, small.astype(np.float32) * chosen.score, label, target, seg,
@@ -577,12 +578,13 @@ class GEMService:
             if isinstance(target, BrushTarget):
                 if target.score_threshold is not None and score < target.score_threshold:
                     continue
-                out.append((brush_region(result.mask(prompt), label, target, score), result.areas[prompt],
+                # from the mask at the model input size: the same RLE as the full-size mask's
+                out.append((brush_region(result.small_mask(prompt), label, target, score,
+                                         stretch=(result.rows, result.cols)), result.areas[prompt],
                             result.margins.get(prompt, score)))
                 continue
-            small = result.input_map == result.labels.index(prompt) + 1
-            out.extend(self._shapes(small, result.confidence, label, target, segmentation,
-                                    result.label_map.shape, margin=result.margin))
+            out.extend(self._shapes(result.small_mask(prompt), result.confidence, label, target, segmentation,
+                                    result.original_size, margin=result.margin))
         return out
 
     @staticmethod
