@@ -72,3 +72,26 @@ def test_batched_request_equals_one_by_one(loaded, tmp_path, monkeypatch):
             assert (ra["original_width"], ra["original_height"]) == (rb["original_width"], rb["original_height"])
     assert batched[-1]["result"] == [] and batched[-1]["score"] == 0
     assert batched[0]["result"] and batched[1]["result"][0]["original_height"] == 160
+
+
+def test_brush_rle_from_the_small_map_is_the_sdk_rle_of_the_full_mask(loaded, tmp_path):
+    """/predict's brush RLE is computed from the label map at the model input size; it must be
+    the SDK's mask2rle of the full-size mask (the nearest upsampling of that map), byte for
+    byte, also at a non-integer scale factor (161 x 119 from a 112 x 152 input)."""
+    from label_studio_sdk.converter.brush import mask2rle as sdk_mask2rle
+
+    from gem_backend.algorithm.segmentation import resize_nearest
+    from gem_backend.labelstudio.images import decode_image
+
+    service = _service(loaded, tmp_path, 1)
+    uri = _data_uri(161, 119, seed=4)
+    pred = service.predict_tasks([{"id": 1, "data": {"image": uri}}], CONFIG)[0]
+    assert len(pred["result"]) >= 2
+    image = np.asarray(decode_image(base64.b64decode(uri.split(",", 1)[1]), "t.png", 10**8, "image/png"))
+    seg = service.segment(image, ["cat", "dog", "grass"], service.project(CONFIG).segmentation)
+    assert seg.input_map.shape != seg.original_size == (119, 161)
+    for region in pred["result"]:
+        label = region["value"]["brushlabels"][0]
+        full = resize_nearest(seg.input_map, seg.original_size) == seg.labels.index(label) + 1
+        assert region["value"]["rle"] == list(sdk_mask2rle(full.astype(np.uint8) * 255))
+        assert seg.areas[label] == full.mean()  # areas exact at the full size

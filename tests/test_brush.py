@@ -371,3 +371,25 @@ def test_brush_region_from_the_small_mask_equals_the_full_mask_one():
     a = brush_region(full, "cat", target, 0.5, region_id="a")
     b = brush_region(small, "cat", target, 0.5, region_id="a", stretch=(_nearest(37, 301), _nearest(45, 499)))
     assert a == b and (b["original_width"], b["original_height"]) == (499, 301)
+
+
+@pytest.mark.parametrize("small_shape,size", [((7, 9), (23, 31)), ((40, 30), (17, 23)), ((448, 592), (3000, 4000)),
+                                              ((1, 6), (5, 13))])
+def test_label_rles_of_a_label_map_equal_one_mask_at_a_time(small_shape, size):
+    from gem_backend.labelstudio.brush import stretched_label_rles, stretched_mask2rle
+
+    rng = np.random.default_rng(size[0])
+    h, w = small_shape
+    coarse = rng.integers(0, 6, (max(1, h // 5), max(1, w // 5)))
+    label_map = np.kron(coarse, np.ones((5, 5), np.int64))[:h, :w].astype(np.uint16)
+    label_map = np.pad(label_map, ((0, h - label_map.shape[0]), (0, w - label_map.shape[1])), mode="edge")
+    label_map[rng.random(small_shape) < 0.02] = 3  # speckle too
+    rows, cols = _nearest(h, size[0]), _nearest(w, size[1])
+    values = [0, 1, 3, 5, 9]  # 9 is absent: an all-zero mask
+    got = stretched_label_rles(label_map, values, rows, cols)
+    for value, rle in zip(values, got):
+        mask = np.where(label_map == value, 255, 0).astype(np.uint8)
+        assert rle == stretched_mask2rle(mask, rows, cols)
+    if h * w < 1000:
+        full = label_map[rows][:, cols]
+        assert got[2] == list(sdk.mask2rle(np.where(full == 3, 255, 0).astype(np.uint8)))

@@ -400,9 +400,13 @@ class GEMPredictor:
             probs = self.probabilities(labels, emb, prototypes)
             if n_prompts == 1:
                 return np.zeros(probs.shape[1:], np.int64), probs[0], np.zeros(probs.shape[1:], probs.dtype)
-            # one top-2 pass gives winner, best and runner-up (3 numpy passes took 3x longer)
-            values, index = torch.from_numpy(probs).topk(2, dim=0)
-            return index[0].numpy(), values[0].numpy(), values[1].numpy()
+            # winner and best in one max pass (first index on ties, as the chunked path), the
+            # runner-up as the max with the winner knocked out: the same values as a top-2 pass
+            # (probabilities are >= 0), in half its time on [26, 448, 592]
+            p = torch.from_numpy(probs)
+            best, winner = p.max(dim=0)
+            second = p.scatter(0, winner[None], -1.0).amax(dim=0)
+            return winner.numpy(), best.numpy(), second.numpy()
         text = self.prompt_embeddings(labels, prototypes)
         sim = (emb.patches @ text.t()).t().reshape(1, n_prompts, *emb.grid)
         top = top2 = total = winner = None

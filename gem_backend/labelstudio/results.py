@@ -12,6 +12,7 @@ Result format (what Label Studio 1.23 stores and shows, see
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from typing import Any, Iterable, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 
 from .spec import BrushTarget, LabelTarget
 
-__all__ = ["brush_region", "choices_region", "new_region_id", "polygon_region", "prediction", "rectangle_region"]
+__all__ = ["brush_region", "brush_region_from_rle", "choices_region", "dumps", "new_region_id", "polygon_region", "prediction", "rectangle_region"]
 
 
 def new_region_id() -> str:
@@ -119,6 +120,16 @@ def brush_region(
     else:
         height, width = mask.shape
         value = {"format": "rle", "rle": _mask2rle(np.ascontiguousarray(mask)), "brushlabels": [label]}
+    return _image_region("brushlabels", target, width, height, score, value, region_id)
+
+
+def brush_region_from_rle(rle: list[int], size: tuple[int, int], label: str, target: BrushTarget, score: float,
+                          region_id: str | None = None) -> dict:
+    """A ``brushlabels`` result from an RLE already encoded for an ``(H, W)`` image (e.g. by
+    :func:`~gem_backend.labelstudio.brush.stretched_label_rles`); as :func:`brush_region`."""
+    _check_label(label, target)
+    height, width = (int(v) for v in size)
+    value = {"format": "rle", "rle": rle, "brushlabels": [label]}
     return _image_region("brushlabels", target, width, height, score, value, region_id)
 
 
@@ -222,3 +233,51 @@ def prediction(
     else:
         overall = _finite_score(score, "prediction score")
     return {"result": result, "score": overall, "model_version": str(model_version)}
+
+
+_BYTE_TEXT = [str(v) for v in range(256)]
+
+
+def _byte_list_json(values: Sequence[int]) -> str:
+    """``json.dumps(values, separators=(",", ":"))`` for a list of ints in [0, 255], ~3x faster."""
+    data = bytes(values)  # checks the range: iterating it gives ints in [0, 255]
+    return "[" + ",".join(map(_BYTE_TEXT.__getitem__, data)) + "]"
+
+
+def dumps(obj: Any) -> str:
+    """``obj`` as compact JSON with sorted keys (what Flask's ``jsonify`` writes), with brush
+    RLE lists (``"rle": [int, ...]``, ~1 MB of ints for a 12 MP image with 20 labels) written
+    by a vectorised path: ``json.dumps`` spends ~0.1 s per megabyte of small ints.
+    ``json.loads(dumps(obj)) == obj``."""
+    token = secrets.token_hex(8)
+    texts: list[str] = []
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "rle" and isinstance(value, list) and all(type(v) is int for v in value[:1]):
+                    try:
+                        text = _byte_list_json(value)
+                    except (ValueError, TypeError):  # not bytes after all: the plain encoder
+                        out[key] = swap(value)
+                        continue
+                    out[key] = f"{token}:{len(texts)}"
+                    texts.append(text)
+                else:
+                    out[key] = swap(value)
+            return out
+        if isinstance(node, (list, tuple)):
+            return [swap(v) for v in node]
+        return node
+
+    text = json.dumps(swap(obj), separators=(",", ":"), sort_keys=True)
+    if not texts:
+        return text
+    parts = text.split(f'"{token}:')
+    out = [parts[0]]
+    for part in parts[1:]:
+        index, _, rest = part.partition('"')
+        out.append(texts[int(index)])
+        out.append(rest)
+    return "".join(out)

@@ -23,7 +23,8 @@ from .feature_cache import EmbeddingCache, embedding_key, image_namespace
 from ..labelstudio.images import ImageError, ImageFetcher, decode_image, original_size
 from ..labelstudio.interactive import InteractiveContext, parse_context, select_region
 from ..labelstudio.spec import BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget, TextPromptTarget, match_label, parse_labeling_config
-from ..labelstudio.results import brush_region, choices_region, polygon_region, prediction, rectangle_region
+from ..labelstudio.brush import stretched_label_rles
+from ..labelstudio.results import brush_region, brush_region_from_rle, choices_region, polygon_region, prediction, rectangle_region
 from .metrics import Metrics
 from ..algorithm.regions import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
 from ..algorithm.segmentation import (BACKGROUND_KEY, GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings,
@@ -573,16 +574,17 @@ class GEMService:
             present.append((label, prompt))
         if isinstance(target, ChoicesTarget):
             return self._choices(result, target, present)
+        if isinstance(target, BrushTarget):
+            kept = [(label, prompt) for label, prompt in present
+                    if target.score_threshold is None or result.scores[prompt] >= target.score_threshold]
+            # every label's RLE from the map at the model input size, in one pass over it: the
+            # same bytes as each full-size mask's (stretched_label_rles); no full-size array
+            rles = stretched_label_rles(result.input_map, [result.labels.index(p) + 1 for _, p in kept],
+                                        result.rows, result.cols)
+            return [(brush_region_from_rle(rle, result.original_size, label, target, result.scores[prompt]),
+                     result.areas[prompt], result.margins.get(prompt, result.scores[prompt]))
+                    for (label, prompt), rle in zip(kept, rles)]
         for label, prompt in present:
-            score = result.scores[prompt]
-            if isinstance(target, BrushTarget):
-                if target.score_threshold is not None and score < target.score_threshold:
-                    continue
-                # from the mask at the model input size: the same RLE as the full-size mask's
-                out.append((brush_region(result.small_mask(prompt), label, target, score,
-                                         stretch=(result.rows, result.cols)), result.areas[prompt],
-                            result.margins.get(prompt, score)))
-                continue
             out.extend(self._shapes(result.small_mask(prompt), result.confidence, label, target, segmentation,
                                     result.original_size, margin=result.margin))
         return out
