@@ -337,7 +337,7 @@ class GEMPredictor:
         text = self.prompt_embeddings(labels, prototypes)
         sim = (emb.patches @ text.t()).t().reshape(1, text.shape[0], *emb.grid)
         sim = F.interpolate(sim, size=emb.input_size, mode="bilinear", align_corners=False)[0]
-        return torch.softmax(sim * self.settings.logit_scale, dim=0).numpy()
+        return torch.softmax(sim.mul_(self.settings.logit_scale), dim=0).numpy()  # in place: sim is ours
 
     def predict(self, labels: Sequence[str], embedding: ImageEmbedding | None = None,
                 prototypes: Mapping[str, tuple] | None = None) -> Segmentation:
