@@ -334,10 +334,26 @@ class GEMPredictor:
             labels then the ``K`` background prompts in use (``K = 0`` with threshold 0).
         """
         emb = embedding or self._require_embedding()
-        text = self.prompt_embeddings(labels, prototypes)
-        sim = (emb.patches @ text.t()).t().reshape(1, text.shape[0], *emb.grid)
-        sim = F.interpolate(sim, size=emb.input_size, mode="bilinear", align_corners=False)[0]
-        return torch.softmax(sim.mul_(self.settings.logit_scale), dim=0).numpy()  # in place: sim is ours
+        return self._probabilities(labels, emb, prototypes).cpu().numpy()
+
+    @property
+    def decision_device(self) -> torch.device:
+        """Where the decision runs: the model's GPU (only the label map and the confidence maps
+        at the input size come back to the host), else the CPU."""
+        return self.loaded.device if self.loaded.device.type == "cuda" else torch.device("cpu")
+
+    def _similarities(self, labels: Sequence[str], emb: ImageEmbedding,
+                      prototypes: Mapping[str, tuple] | None) -> torch.Tensor:
+        """``[1, C + K, h, w]`` float32 patch-prompt cosines on :attr:`decision_device`."""
+        device = self.decision_device
+        text = self.prompt_embeddings(labels, prototypes).to(device)
+        return (emb.patches.to(device) @ text.t()).t().reshape(1, text.shape[0], *emb.grid)
+
+    def _probabilities(self, labels: Sequence[str], emb: ImageEmbedding,
+                       prototypes: Mapping[str, tuple] | None) -> torch.Tensor:
+        sim = F.interpolate(self._similarities(labels, emb, prototypes), size=emb.input_size, mode="bilinear",
+                            align_corners=False)[0]
+        return torch.softmax(sim.mul_(self.settings.logit_scale), dim=0)  # in place: sim is ours
 
     def predict(self, labels: Sequence[str], embedding: ImageEmbedding | None = None,
                 prototypes: Mapping[str, tuple] | None = None) -> Segmentation:
@@ -397,18 +413,17 @@ class GEMPredictor:
         rescaled sum, first argmax), so 1000 labels need the memory of 32, not 1000 full maps."""
         n_prompts = len(labels) + len(self._background_for(labels))
         if n_prompts <= DECISION_CHUNK:
-            probs = self.probabilities(labels, emb, prototypes)
+            p = self._probabilities(labels, emb, prototypes)
             if n_prompts == 1:
+                probs = p.cpu().numpy()
                 return np.zeros(probs.shape[1:], np.int64), probs[0], np.zeros(probs.shape[1:], probs.dtype)
             # winner and best in one max pass (first index on ties, as the chunked path), the
             # runner-up as the max with the winner knocked out: the same values as a top-2 pass
             # (probabilities are >= 0), in half its time on [26, 448, 592]
-            p = torch.from_numpy(probs)
             best, winner = p.max(dim=0)
             second = p.scatter(0, winner[None], -1.0).amax(dim=0)
-            return winner.numpy(), best.numpy(), second.numpy()
-        text = self.prompt_embeddings(labels, prototypes)
-        sim = (emb.patches @ text.t()).t().reshape(1, n_prompts, *emb.grid)
+            return winner.cpu().numpy(), best.cpu().numpy(), second.cpu().numpy()
+        sim = self._similarities(labels, emb, prototypes)
         top = top2 = total = winner = None
         for start in range(0, n_prompts, DECISION_CHUNK):
             chunk = F.interpolate(sim[:, start:start + DECISION_CHUNK], size=emb.input_size, mode="bilinear",
@@ -430,7 +445,7 @@ class GEMPredictor:
             top = new_top
         inv = total.reciprocal_()
         # the winner's exp(0) / sum, and the runner-up's exp(top2 - top) / sum
-        return winner.numpy(), inv.numpy(), ((top2 - top).exp_() * inv).numpy()
+        return winner.cpu().numpy(), inv.cpu().numpy(), ((top2 - top).exp_() * inv).cpu().numpy()
 
     def segment(self, image: np.ndarray, labels: Sequence[str]) -> Segmentation:
         """``set_image`` then ``predict``."""
