@@ -506,7 +506,7 @@ def bench_oversubscribe(model: str, precision: str, size: int, runs: int) -> lis
     return out
 
 
-def bench_throughput(model: str, precision: str, labels: int = 10) -> list[dict]:
+def bench_throughput(model: str, precision: str, labels: int = 10, device: str = "cpu") -> list[dict]:
     """60 tasks (20 each of 0.3, 2 and 12 megapixel JPEGs, interleaved) with ``labels`` brush
     labels, threshold 0, served over HTTP from this process (127.0.0.1, allowed by
     ``GEM_ALLOWED_HOSTS``): through ``predict_tasks`` in one call, and through the bulk
@@ -531,7 +531,7 @@ def bench_throughput(model: str, precision: str, labels: int = 10) -> list[dict]
         threading.Thread(target=server.serve_forever, daemon=True).start()
         urls = Path(tmp, "urls.txt")
         urls.write_text("\n".join(f"http://127.0.0.1:{server.server_port}/{n}" for n in names))
-        env = dict(os.environ, GEM_MODEL=model, GEM_PRETRAINED="none", GEM_PRECISION=precision, GEM_DEVICE="cpu",
+        env = dict(os.environ, GEM_MODEL=model, GEM_PRETRAINED="none", GEM_PRECISION=precision, GEM_DEVICE=device,
                    GEM_ALLOWED_HOSTS="127.0.0.1", GEM_IMAGE_CACHE_MB="0", HF_HUB_OFFLINE="1")
         env.pop("REDIS_URL", None)
         out = []
@@ -631,7 +631,7 @@ def run(args) -> list[dict]:
         for rec in bench_oversubscribe(args.model, fastest, args.size, args.runs):
             emit(rec)
     if "throughput" in sections:
-        for rec in bench_throughput(args.model, fastest):
+        for rec in bench_throughput(args.model, fastest, device=args.device):
             emit(rec)
     if args.reference:
         # same weights and input through both: outputs must agree, timings side by side
