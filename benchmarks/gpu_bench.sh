@@ -8,7 +8,8 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   dl() { python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
            -d "$1" "${@:2}"; }
-  dl .whl/ours open_clip_torch==3.3.0 ftfy==6.3.1 timm==1.0.31 safetensors==0.8.0 label-studio-sdk==2.1.2
+  dl .whl/ours open_clip_torch==3.3.0 ftfy==6.3.1 timm==1.0.31 safetensors==0.8.0 label-studio-sdk==2.1.2 \
+     Flask==3.1.3 Werkzeug==3.1.9 itsdangerous==2.2.0 blinker==1.9.0 click==8.5.1 prometheus_client==0.26.0
   dl .whl/ref open_clip_torch==2.23.0 gem-torch==1.0.1 ftfy==6.3.1 timm==1.0.31 einops
   exit 0
 fi
@@ -18,3 +19,8 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site-ref .whl/ref/*
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 PYTHONPATH=/tmp/site-ours:. python3 benchmarks/gpu_bench.py --impl ours | tee "$OUT/ours.jsonl"
 PYTHONPATH=/tmp/site-ref python3 benchmarks/gpu_bench.py --impl reference | tee "$OUT/reference.jsonl"
+# issue "Speed, round two": the request path on the GPU (decision on the device, prefetch overlapping
+# the forward): /predict end to end (12 MP, 20 labels), FLOPs and % of the fp16/fp32 GEMM peak,
+# 60 mixed tasks through predict_tasks and prelabel (batches of 8 on CUDA)
+PYTHONPATH=/tmp/site-ours:. HF_HUB_OFFLINE=1 timeout 420 python3 -m gem_backend.cli bench --device cuda \
+  --precision fp32,fp16 --sections e2e,limit,throughput --runs 5 --json | tee "$OUT/round2.jsonl"

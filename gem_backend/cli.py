@@ -145,7 +145,10 @@ def cmd_serve(args) -> int:
         def load(self):
             # built in each worker after the fork: no CUDA context is created before it
             from .serving.app import create_app
+            from .settings import configure_torch_threads
 
+            # cores / WORKERS torch threads per worker (GEM_TORCH_THREADS overrides)
+            configure_torch_threads(settings, settings.workers, "gunicorn worker", log)
             return create_app(settings)
 
     log.info("serving on %s:%s with %s worker(s) x %s thread(s); settings: %s", settings.host, settings.port,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -174,8 +175,9 @@ class Settings:
     # serving
     host: str = "0.0.0.0"                           # HOST
     port: int = 9090                                # PORT
-    workers: int = 1                                # WORKERS
+    workers: int = 1                                # WORKERS: model processes sharing this machine's cores
     threads: int = 8                                # THREADS
+    torch_threads: int = 0                          # GEM_TORCH_THREADS: per process; 0 = cores / WORKERS
     log_level: str = "INFO"                         # LOG_LEVEL
     basic_auth_user: str | None = None              # BASIC_AUTH_USER
     basic_auth_pass: str | None = field(default=None, repr=False)  # BASIC_AUTH_PASS
@@ -238,6 +240,7 @@ class Settings:
             port=get("PORT", int, base.port),
             workers=get("WORKERS", int, base.workers),
             threads=get("THREADS", int, base.threads),
+            torch_threads=get("GEM_TORCH_THREADS", _parse_threads, base.torch_threads),
             log_level=get("LOG_LEVEL", str, base.log_level).upper(),
             basic_auth_user=get("BASIC_AUTH_USER", str, None),
             basic_auth_pass=get("BASIC_AUTH_PASS", str, None),
@@ -255,6 +258,15 @@ class Settings:
             max_image_pixels=get("GEM_MAX_IMAGE_PIXELS", int, base.max_image_pixels),
             allowed_hosts=get("GEM_ALLOWED_HOSTS", _parse_allowed_hosts, base.allowed_hosts),
         )
+
+    def torch_thread_count(self, processes: int | None = None) -> int:
+        """Torch intra-op threads for one process: ``GEM_TORCH_THREADS``, else the cores this
+        process may run on (``os.sched_getaffinity``) divided by the processes sharing them
+        (``processes``, default ``WORKERS``), at least 1, so that the processes together never
+        run more threads than there are cores."""
+        if self.torch_threads > 0:
+            return self.torch_threads
+        return max(1, available_cores() // max(1, processes if processes is not None else self.workers))
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -378,3 +390,54 @@ def parse_extra_params(extra_params: str | Mapping | None) -> dict:
 
 __all__ = ["Settings", "SettingsError", "parse_extra_params", "parse_templates", "openai_templates",
            "DEFAULT_TEMPLATES", "DEFAULT_BACKGROUND_PROMPTS"]
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity; ``os.cpu_count()`` where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _parse_threads(raw: str) -> int:
+    if raw.strip().lower() in ("", "0", "auto"):
+        return 0
+    value = int(raw)
+    if value < 0:
+        raise SettingsError("must be >= 1, or 0/auto for cores / WORKERS")
+    return value
+
+
+_THREADS_SET: list[tuple[int, int]] = []
+
+
+def configure_torch_threads(settings: Settings, processes: int | None = None, what: str = "process",
+                            logger: logging.Logger | None = None) -> tuple[int, int]:
+    """Set this process's torch threads from the settings (:meth:`Settings.torch_thread_count`)
+    and log them; returns ``(intra-op, inter-op)``.
+
+    Call it once at start-up, before any torch work: ``torch.set_num_interop_threads`` fails
+    once parallel work has started (then the inter-op count is left as it is and a warning
+    says so). Inter-op threads (independent ops run side by side; the GEM forward barely uses
+    them) are set to the same count, so that they cannot oversubscribe either.
+    """
+    import torch
+
+    log_ = logger or logging.getLogger("gem_backend")
+    n = settings.torch_thread_count(processes)
+    torch.set_num_threads(n)
+    interop = torch.get_num_interop_threads()
+    if _THREADS_SET:
+        interop = _THREADS_SET[-1][1]
+    else:
+        try:
+            torch.set_num_interop_threads(n)
+            interop = n
+        except RuntimeError as err:  # parallel work already ran in this process
+            log_.warning("torch inter-op threads left at %s: %s", interop, err)
+        _THREADS_SET.append((n, interop))
+    source = "GEM_TORCH_THREADS" if settings.torch_threads > 0 else (
+        f"{available_cores()} cores / {max(1, processes if processes is not None else settings.workers)} processes")
+    log_.info("%s %s: %s torch threads (%s), %s inter-op", what, os.getpid(), n, source, interop)
+    return n, interop

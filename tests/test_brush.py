@@ -293,3 +293,103 @@ def test_decoder_rejects_malformed_streams():
         sdk.decode_rle(big)
     with pytest.raises(ValueError):
         _decode_words(big)
+
+
+# ---------------------------------------------------------------------------------- from the small map
+def _nearest(n_in: int, n_out: int) -> np.ndarray:
+    from gem_backend.algorithm.segmentation import nearest_indices
+
+    return nearest_indices(n_in, n_out)
+
+
+@pytest.mark.parametrize("small_shape,size", [
+    ((7, 9), (21, 27)),          # integer factor 3
+    ((7, 9), (23, 31)),          # non-integer factors, odd sizes
+    ((448, 592), (3000, 4000)),  # the 12 MP request: 6.70 x 6.76
+    ((13, 11), (13, 11)),        # no resize
+    ((40, 30), (17, 23)),        # downsampling: some small rows/columns never show
+    ((1, 5), (9, 1)),            # degenerate strips
+])
+def test_stretched_rle_is_the_sdk_rle_of_the_full_mask(small_shape, size):
+    from gem_backend.algorithm.segmentation import resize_nearest
+    from gem_backend.labelstudio.brush import stretched_mask2rle
+
+    rng = np.random.default_rng(small_shape[0] * size[1])
+    h, w = small_shape
+    rows, cols = _nearest(h, size[0]), _nearest(w, size[1])
+    masks = [_binary(rng.random(small_shape) < 0.5), _binary(_blobs(rng, h, w, 3)),
+             np.zeros(small_shape, np.uint8), np.full(small_shape, 255, np.uint8)]
+    for small in masks:
+        full = resize_nearest(small, size)   # exactly what the label map upsampling does
+        assert full.shape == size
+        ours = stretched_mask2rle(small, rows, cols)
+        if full.size <= 300_000:
+            assert ours == list(sdk.mask2rle(np.ascontiguousarray(full)))
+        else:  # the SDK takes seconds here; mask2rle is checked against it above
+            assert ours == mask2rle(np.ascontiguousarray(full))
+        np.testing.assert_array_equal(rle2mask(ours, *size), full)
+
+
+def test_stretched_rle_random_index_maps_and_values():
+    from gem_backend.labelstudio.brush import stretched_mask2rle
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        h, w = rng.integers(1, 12, 2)
+        small = rng.choice(np.array([0, 255, 17], np.uint8), size=(h, w))
+        # any non-decreasing index maps (long runs over 65536 words included below)
+        rows = np.sort(rng.integers(0, h, rng.integers(1, 40)))
+        cols = np.sort(rng.integers(0, w, rng.integers(1, 40)))
+        full = np.ascontiguousarray(small[rows][:, cols])
+        assert stretched_mask2rle(small, rows, cols) == list(sdk.mask2rle(full))
+    small = np.array([[0, 255], [255, 0]], np.uint8)
+    rows, cols = np.repeat([0, 1], [300, 200]), np.repeat([0, 1], [700, 100])   # runs of 840000 words
+    full = np.ascontiguousarray(small[rows][:, cols])
+    assert stretched_mask2rle(small, rows, cols) == list(sdk.mask2rle(full))
+
+
+def test_stretched_rle_rejects_bad_index_maps():
+    from gem_backend.labelstudio.brush import stretched_mask2rle
+
+    small = np.zeros((3, 4), np.uint8)
+    for rows, cols in (([0, 2, 1], [0]), ([0, 3], [0]), ([0], [-1, 0]), ([], [0])):
+        with pytest.raises(ValueError):
+            stretched_mask2rle(small, np.array(rows, np.int64), np.array(cols, np.int64))
+    with pytest.raises(TypeError):
+        stretched_mask2rle(np.zeros((3, 4), np.float32), [0], [0])
+
+
+def test_brush_region_from_the_small_mask_equals_the_full_mask_one():
+    from gem_backend.algorithm.segmentation import resize_nearest
+    from gem_backend.labelstudio.results import brush_region
+    from gem_backend.labelstudio.spec import BrushTarget
+
+    target = BrushTarget("tag", "image", "image", ("cat",), ("cat",))
+    small = np.random.default_rng(3).random((37, 45)) < 0.3
+    size = (301, 499)
+    full = resize_nearest(small.astype(np.uint8), size).astype(bool)
+    a = brush_region(full, "cat", target, 0.5, region_id="a")
+    b = brush_region(small, "cat", target, 0.5, region_id="a", stretch=(_nearest(37, 301), _nearest(45, 499)))
+    assert a == b and (b["original_width"], b["original_height"]) == (499, 301)
+
+
+@pytest.mark.parametrize("small_shape,size", [((7, 9), (23, 31)), ((40, 30), (17, 23)), ((448, 592), (3000, 4000)),
+                                              ((1, 6), (5, 13))])
+def test_label_rles_of_a_label_map_equal_one_mask_at_a_time(small_shape, size):
+    from gem_backend.labelstudio.brush import stretched_label_rles, stretched_mask2rle
+
+    rng = np.random.default_rng(size[0])
+    h, w = small_shape
+    coarse = rng.integers(0, 6, (max(1, h // 5), max(1, w // 5)))
+    label_map = np.kron(coarse, np.ones((5, 5), np.int64))[:h, :w].astype(np.uint16)
+    label_map = np.pad(label_map, ((0, h - label_map.shape[0]), (0, w - label_map.shape[1])), mode="edge")
+    label_map[rng.random(small_shape) < 0.02] = 3  # speckle too
+    rows, cols = _nearest(h, size[0]), _nearest(w, size[1])
+    values = [0, 1, 3, 5, 9]  # 9 is absent: an all-zero mask
+    got = stretched_label_rles(label_map, values, rows, cols)
+    for value, rle in zip(values, got):
+        mask = np.where(label_map == value, 255, 0).astype(np.uint8)
+        assert rle == stretched_mask2rle(mask, rows, cols)
+    if h * w < 1000:
+        full = label_map[rows][:, cols]
+        assert got[2] == list(sdk.mask2rle(np.where(full == 3, 255, 0).astype(np.uint8)))

@@ -328,3 +328,22 @@ def test_prediction_shape_matches_captured_response():
     # Label Studio adds "origin" itself when storing
     assert set(ours["result"][0]) == set(accepted_region) - {"origin"}
     assert set(ours["result"][0]["value"]) == set(accepted_region["value"])
+
+
+def test_dumps_writes_what_json_dumps_writes():
+    """results.dumps (the /predict reply) takes a fast path for brush RLE lists: the text must
+    parse back to the same object and equal Flask's compact sorted json.dumps."""
+    import json
+
+    from gem_backend.labelstudio.results import dumps
+
+    rng = np.random.default_rng(0)
+    region = brush_region(_mask(31, 17), "cat", _target(), 0.5)
+    obj = {"results": [{"result": [region, {**region, "id": "x", "value": {**region["value"], "rle": []}}],
+                        "score": 0.5, "model_version": 'v "1"'}],
+           "model_version": "v1", "other": {"rle": "not a list", "list": [1, 2, 300]},
+           "rle": [int(v) for v in rng.integers(0, 256, 5000)], "tricky": '"abc:0"'}
+    text = dumps(obj)
+    assert text == json.dumps(obj, separators=(",", ":"), sort_keys=True)
+    assert json.loads(text) == obj
+    assert dumps({"rle": [1, 999]}) == '{"rle":[1,999]}'  # not bytes: the plain encoder

@@ -432,9 +432,10 @@ def test_concurrent_stores_of_one_task_store_it_once(label_studio, redis_url):
         def project(self, *a, **kw):
             return spec
 
-        def predict_task_or_raise(self, task, spec):
-            time.sleep(0.5)
-            return prediction([], spec.model_version)
+        def predict_stream(self, tasks, spec):
+            for task in tasks:
+                time.sleep(0.5)
+                yield task, prediction([], spec.model_version)
 
     target = Target(pid, CONFIG, {}, spec.model_version)
     api = LabelStudioAPI(ls.url, TOKEN)

@@ -255,3 +255,40 @@ def test_tolerance_is_in_scaled_units_and_reduces_points():
 def test_percent_coordinates():
     pts = np.array([[0, 0], [5, 2], [20, 10], [21, 11]], float)
     assert to_percent(pts, (10, 20)) == [[0.0, 0.0], [25.0, 20.0], [100.0, 100.0], [100.0, 100.0]]
+
+
+@pytest.mark.parametrize("small_shape,size", [((9, 12), (31, 50)), ((7, 10), (24, 37)), ((12, 9), (12, 9)),
+                                              ((10, 13), (73, 41))])
+def test_polygons_traced_small_and_scaled_are_the_full_size_mask(small_shape, size):
+    """What is compared: the service traces a label's outline on the mask at the model input
+    size and scales the vertices to the original size (percent coordinates, ``to_percent``).
+    The full-size mask is that small mask upsampled by ``resize_nearest``: full pixel ``j``
+    takes small pixel ``floor((j + 0.5) * w / W)``, i.e. it is inside exactly when its centre
+    lies inside the scaled outline. So filling the scaled polygon (percent -> full-size pixels)
+    at full-size pixel centres gives the full-size mask itself, pixel for pixel (odd sizes and
+    non-integer scale factors here; at tolerance 0, before any simplification)."""
+    from gem_backend.algorithm.segmentation import nearest_indices, resize_nearest
+
+    rng = np.random.default_rng(sum(small_shape) + sum(size))
+    small = rng.random(small_shape) < 0.45
+    (h, w), (H, W) = small_shape, size
+    full = resize_nearest(small.astype(np.uint16), size).astype(bool)
+    np.testing.assert_array_equal(full, small[nearest_indices(h, H)][:, nearest_indices(w, W)])
+    polygons, comps = mask_polygons(small, tolerance=0.0, scale=(W / w, H / h))
+    painted = np.zeros(size, bool)
+    for poly in polygons:
+        pct = np.array(to_percent(poly.points, (h, w)))
+        at_full = pct * np.array([W, H]) / 100.0                    # what Label Studio draws
+        part = rasterize(at_full, size)
+        want = resize_nearest((comps.labels == poly.component + 1).astype(np.uint16), size).astype(bool)
+        np.testing.assert_array_equal(part, want)
+        painted |= part
+    np.testing.assert_array_equal(painted, full)
+    # boxes likewise: the small box scaled holds exactly the full-size component's pixel centres
+    for x0, y0, x1, y1, k in bounding_boxes(small, 1, comps):
+        ys, xs = np.nonzero(resize_nearest((comps.labels == k + 1).astype(np.uint16), size))
+        for lo, hi, got, n_small, n_full in ((x0, x1, xs, w, W), (y0, y1, ys, h, H)):
+            # a pixel belongs when its centre c has lo <= c * n_small / n_full < hi (a centre on the
+            # left/top edge belongs: floor), and the box is tight
+            assert got.min() - 0.5 < lo * n_full / n_small <= got.min() + 0.5
+            assert got.max() + 0.5 < hi * n_full / n_small <= got.max() + 1.5

@@ -334,8 +334,9 @@ def test_scores_and_areas_are_consistent(loaded, embedding):
         for label in seg.present:
             assert 0.0 <= seg.scores[label] <= 1.0
             assert 0.0 < seg.areas[label] <= 1.0
-            # areas are measured at the input size; the full-size mask agrees closely
-            assert seg.mask(label).mean() == pytest.approx(seg.areas[label], abs=0.01)
+            # areas are exact: the full-size mask's pixel count over H * W, from the small map
+            full = seg.mask(label)
+            assert seg.areas[label] == int(full.sum()) / full.size
         assert sum(seg.areas.values()) <= 1.0 + 1e-9
         assert 0.0 <= seg.score <= 1.0
         assert min(seg.scores.values()) <= seg.score <= max(seg.scores.values())
@@ -408,3 +409,22 @@ def test_reduced_resolution_decision_agrees_with_full_resolution(loaded, embeddi
     with capsys.disabled():
         print(f"\nreduced vs full resolution agreement (threshold 0 / 0.3), worst {worst:.4f}:\n  "
               + "\n  ".join(lines))
+
+
+def test_full_size_maps_are_not_built_unless_asked_for(loaded, embedding, monkeypatch):
+    """predict decides at the input size; label_map (resize_nearest of input_map) is built on
+    first access only, and equals the upsampled decision; rows/cols are its index maps."""
+    import gem_backend.algorithm.segmentation as segmentation
+
+    calls = []
+    real = segmentation.resize_nearest
+    monkeypatch.setattr(segmentation, "resize_nearest", lambda m, size: calls.append(size) or real(m, size))
+    seg = GEMPredictor(loaded, SegmentationSettings(threshold=0)).predict(LABELS, embedding)
+    assert calls == [] and "label_map" not in seg.__dict__
+    assert seg.original_size == embedding.original_size
+    for label in seg.present:
+        small = seg.small_mask(label)
+        assert small.shape == embedding.input_size
+        np.testing.assert_array_equal(small[seg.rows][:, seg.cols], seg.mask(label))
+    assert calls == [embedding.original_size]  # built once, then cached
+    np.testing.assert_array_equal(seg.label_map, real(seg.input_map, embedding.original_size))

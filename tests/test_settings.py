@@ -281,3 +281,40 @@ def test_redacted_leaves_unset_secrets_unset():
     red = Settings().redacted()
     assert red["label_studio_api_key"] is None and red["basic_auth_pass"] is None and red["redis_url"] is None
     json.dumps(red, default=str)  # loggable
+
+
+def test_torch_threads_default_to_cores_per_process(monkeypatch):
+    import os
+
+    import gem_backend.settings as settings_module
+    from gem_backend.settings import Settings, SettingsError
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert settings_module.available_cores() == 16
+    assert Settings.from_env({}).torch_thread_count() == 16
+    assert Settings.from_env({"WORKERS": "4"}).torch_thread_count() == 4
+    assert Settings.from_env({"WORKERS": "3"}).torch_thread_count() == 5   # 3 x 5 <= 16: never more
+    assert Settings.from_env({"WORKERS": "32"}).torch_thread_count() == 1
+    assert Settings.from_env({"WORKERS": "4", "GEM_TORCH_THREADS": "6"}).torch_thread_count() == 6
+    assert Settings.from_env({"GEM_TORCH_THREADS": "auto"}).torch_thread_count(processes=2) == 8
+    for workers in range(1, 20):
+        assert workers * Settings.from_env({"WORKERS": str(workers)}).torch_thread_count() <= max(16, workers)
+    with pytest.raises(SettingsError, match="GEM_TORCH_THREADS"):
+        Settings.from_env({"GEM_TORCH_THREADS": "-2"})
+
+
+def test_configure_torch_threads_sets_and_logs(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from gem_backend.settings import Settings, configure_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO):
+            n, interop = configure_torch_threads(Settings.from_env({"GEM_TORCH_THREADS": "1"}), what="test")
+        assert n == 1 and torch.get_num_threads() == 1 and interop >= 1
+        assert "1 torch threads (GEM_TORCH_THREADS)" in caplog.text
+    finally:
+        torch.set_num_threads(before)

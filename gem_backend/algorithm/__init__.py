@@ -14,6 +14,6 @@ Modules and their public names:
   ``cpu_has_native_bf16``, ``weights_id``, ``ModelLoadError``.
 - :mod:`.segmentation`: :class:`GEMPredictor` (the image embedding once, cheap predictions on
   it), :class:`ImageEmbedding`, :class:`Segmentation`, :class:`SegmentationSettings`,
-  ``model_input_size``, ``blend_prototypes``, ``resize_nearest``.
+  ``model_input_size``, ``blend_prototypes``, ``resize_nearest``, ``nearest_indices``.
 - :mod:`.regions`: connected components, outlines, polygons, boxes of masks.
 """

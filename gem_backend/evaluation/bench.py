@@ -1,25 +1,35 @@
 """``gem-backend bench``: timings as JSON lines (or a table), side by side with the reference.
 
 Random weights throughout: the cost of a forward pass does not depend on their values.
-Sections:
+Every record carries ``machine``: CPU model, its bf16/AMX/AVX-512 flags, cores, threads,
+torch, the load average when the record was taken. bf16 on a CPU without native bf16 is not
+timed (the record says so). Sections:
 
 - ``forward``: GEM image tower per image (model, size, batch, precision, device), and the
   same work as the reference's ``GEMWrapper.forward`` (text tower + maps) for the ratio;
 - ``text``: text encoding of 20 labels x 80 templates, cold (batched) and cached;
-- ``e2e``: one ``/predict``-equivalent task on a 12-megapixel JPEG with 20 labels, split
-  into decode / resize / forward / post-process / RLE;
+- ``e2e``: one 12-megapixel JPEG task with 20 brush labels through the Flask app's
+  ``/predict``: the forward (timed inside the request) and everything else (``other_s``);
 - ``rle``: ``gem_backend.brush.mask2rle`` vs ``label_studio_sdk``'s on 12-megapixel masks;
 - ``click``: an annotator's smart-tool click on a 12-megapixel JPEG through
   :meth:`GEMService.predict_tasks` (``params.context``), first click (image features not
   cached: decode + image tower) vs repeated clicks on the same image (features from the
-  cache: fetch + hash, label maps, the clicked part, full-size mask, RLE);
-- ``limit``: forward FLOPs and measured matmul throughput per dtype (the physical floor);
+  cache: fetch + hash, label maps, the clicked part, RLE);
+- ``limit``: per dtype, forward FLOPs counted with attention (:func:`count_forward_flops`)
+  and by hand (:func:`analytic_forward_flops`), the GEMM peak (2048^3), the forward's share
+  of it;
+- ``oversubscribe``: two processes timing the forward at once, default threads vs all
+  cores each (:func:`bench_oversubscribe`);
+- ``throughput``: 60 mixed-size tasks through ``predict_tasks`` and the prelabel path with
+  one and two workers (:func:`bench_throughput`);
 - ``reference`` (with ``--reference VENV``): the official package timed in its own
   environment by ``../shared/bench/time_reference.py``, and the ratio ours / reference.
 """
 
 from __future__ import annotations
 
+import argparse
+import http.server
 import io
 import json
 import os
@@ -28,7 +38,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +60,16 @@ def _median_time(fn: Callable[[], object], runs: int, warmup: int = 1, sync: boo
     return statistics.median(times), times
 
 
+def _wait_barrier(spec: str) -> None:
+    """``DIR:I/N``: mark process I ready in DIR, wait until all N are."""
+    folder, _, share = spec.rpartition(":")
+    index, total = (int(v) for v in share.split("/"))
+    Path(folder, f"ready-{index}").touch()
+    deadline = time.monotonic() + 900
+    while len(list(Path(folder).glob("ready-*"))) < total and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -61,18 +81,26 @@ def build_model(model: str, precision: str, device: str):
     return load_gem_model(model, None, device=device, precision=precision)
 
 
-def bench_forward(loaded, size: int, batch: int, labels: int, runs: int, warmup: int) -> dict:
+def bench_forward(loaded, size: int, batch: int, labels: int, runs: int, warmup: int,
+                  barrier: str | None = None) -> dict:
     gem = loaded.gem
+    if _emulated(loaded.device, loaded.dtype):
+        return dict(bench="forward", model=loaded.model_name, size=size, batch=batch, dtype="bfloat16",
+                    device=str(loaded.device), image_tower_s=None,
+                    note="not timed: this CPU has no native bf16 (avx512_bf16/amx_bf16); bf16 would be emulated")
     x = torch.randn(batch, 3, size, size, device=loaded.device).to(loaded.dtype)
     names = [f"object number {i}" for i in range(labels)]
     sync = loaded.device.type == "cuda"
     with torch.inference_mode():
+        if barrier:  # start with the other processes of an oversubscription run
+            gem.encode_image(x)
+            _wait_barrier(barrier)
         image_s, image_all = _median_time(lambda: gem.encode_image(x), runs, warmup, sync)
         full_s, full_all = _median_time(lambda: gem.similarity_maps(x, gem.encode_text(names)), runs, warmup, sync)
     # min as well as median: on a shared machine the fastest run is the least disturbed one
     return dict(bench="forward", model=loaded.model_name, size=size, batch=batch, labels=labels,
                 dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device),
-                threads=torch.get_num_threads(), image_tower_s=image_s / batch,
+                threads=torch.get_num_threads(), image_tower_s=image_s / batch, image_tower_min_s=min(image_all) / batch,
                 with_text_and_maps_s=full_s / batch, with_text_and_maps_min_s=min(full_all) / batch,
                 images_per_s=batch / image_s)
 
@@ -116,58 +144,123 @@ def _synthetic_photo(width: int = 4000, height: int = 3000, seed: int = 0) -> by
     return buf.getvalue()
 
 
-def bench_e2e(loaded, labels: int = 20, runs: int = 2) -> dict:
-    """One task as /predict does it, stage by stage, on a 12 MP JPEG."""
-    from ..labelstudio.images import decode_image, original_size
-    from ..labelstudio.spec import BrushTarget
-    from ..labelstudio.results import brush_region, prediction
-    from ..algorithm.segmentation import GEMPredictor, ImageEmbedding, SegmentationSettings
+def _twenty_label_config(labels: Sequence[str]) -> str:
+    label_xml = "".join(f'<Label value="{n}"/>' for n in labels)
+    return (f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{label_xml}'
+            f'</BrushLabels></View>')
 
-    data = _synthetic_photo()
+
+class _TimedForward:
+    """Wraps ``gem.encode_image`` on the instance: the model forward's own seconds, summed."""
+
+    def __init__(self, gem):
+        self.gem, self.seconds, self.calls = gem, 0.0, 0
+        self.inner = gem.encode_image
+        sync = next(gem.model.parameters()).device.type == "cuda"
+
+        def timed(*args, **kwargs):
+            if sync:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            out = self.inner(*args, **kwargs)
+            if sync:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - started
+            self.calls += 1
+            return out
+
+        gem.encode_image = timed
+
+    def restore(self) -> None:
+        del self.gem.encode_image  # back to the class's method
+
+
+def bench_e2e(loaded, labels: int = 20, runs: int = 3, profile: bool = False) -> dict:
+    """One 12 MP JPEG task with ``labels`` brush labels through the Flask app's ``/predict``.
+
+    Threshold 0 (every pixel gets a label: the most regions, the worst case for RLE), a warm
+    text cache (the ``text`` section times text encoding). The forward is timed inside the
+    request (a wrapper around ``encode_image``); everything else the request does (fetch and
+    decode of the data URI, resize, the decision, masks, RLE, JSON) is ``other_s``. With
+    ``profile``, the non-forward part of one request is profiled (cProfile, top functions).
+    """
+    import base64
+
+    from ..serving.app import create_app
+    from ..serving.service import GEMService
+    from ..settings import Settings
+
     names = [f"label {i}" for i in range(labels)]
-    # threshold 0: every pixel gets a label, so RLE sees many regions (the worst case)
-    settings = SegmentationSettings(threshold=0.0, min_area=0.0)
-    target = BrushTarget("tag", "image", "image", tuple(names), tuple(names))
-    text = {}  # text cost is the `text` section's; a warm request has none
+    settings = Settings(model=loaded.model_name, pretrained="none", device=str(loaded.device),
+                        precision=str(loaded.dtype).replace("torch.", ""))
+    service = GEMService(settings, loaded=loaded)
+    client = create_app(settings, service=service).test_client()
+    body = {"label_config": _twenty_label_config(names), "extra_params": {"threshold": 0, "min_area": 0},
+            "tasks": [{"id": 1, "data": {"image": "data:image/jpeg;base64,"
+                                         + base64.b64encode(_synthetic_photo()).decode()}}]}
+    raw = json.dumps(body).encode()  # what Label Studio sends, encoded once
+    forward = _TimedForward(loaded.gem)
+    try:
+        def request() -> tuple[float, float, dict]:
+            service.image_cache.clear_local()  # a new image each time: no feature-cache hit
+            before = forward.seconds
+            started = time.perf_counter()
+            reply = client.post("/predict", data=raw, content_type="application/json")
+            data = reply.get_data()  # the reply's bytes are what the server produces
+            total = time.perf_counter() - started
+            if reply.status_code != 200:
+                raise RuntimeError(f"/predict answered {reply.status_code}: {data[:300]!r}")
+            return total, forward.seconds - before, json.loads(data)  # Label Studio's parsing: not ours
 
-    def encode_cached(lab, tpl):
-        key = (tuple(lab), tuple(tpl))
-        if key not in text:
-            with torch.inference_mode():
-                text[key] = loaded.gem.encode_text(lab, tpl).float().cpu().numpy()
-        return text[key]
+        request()  # warm: text embeddings cached, lazy imports done, allocator warm
+        totals, forwards = [], []
+        for _ in range(runs):
+            total, fwd, out = request()
+            totals.append(total)
+            forwards.append(fwd)
+        top = None
+        if profile:
+            top = _profile_outside_forward(request, forward)
+    finally:
+        forward.restore()
+    other = [t - f for t, f in zip(totals, forwards)]
+    result = out["results"][0]["result"]
+    med_f, med_o = statistics.median(forwards), statistics.median(other)
+    rec = dict(bench="e2e", route="/predict", image="4000x3000 JPEG", labels=labels, regions=len(result),
+               dtype=str(loaded.dtype).replace("torch.", ""), threads=torch.get_num_threads(),
+               model_input="592x448", request_s=statistics.median(totals), forward_s=med_f, other_s=med_o,
+               other_min_s=min(other), forward_min_s=min(forwards), non_forward_over_forward=med_o / med_f,
+               runs=runs, rle_bytes=sum(len(r["value"]["rle"]) for r in result), peak_rss_mb=peak_rss_mb())
+    if top is not None:
+        rec["profile_outside_forward"] = top
+    return rec
 
-    predictor = GEMPredictor(loaded, settings, text_encoder=encode_cached)
-    predictor.encode_text(names)
-    stages = {k: [] for k in ("decode", "resize", "forward", "postprocess", "rle")}
-    regions = 0
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        image = decode_image(data, "bench.jpg", 100_000_000, "image/jpeg", min_size=settings.input_size)
-        width, height = original_size(image)
-        pixels = np.asarray(image)
-        t1 = time.perf_counter()
-        x = predictor.preprocess(pixels)
-        t2 = time.perf_counter()
-        with torch.inference_mode():
-            feat, _ = loaded.gem.encode_image(x)
-        t3 = time.perf_counter()
-        # the rest of set_image + predict: normalise patches, decide, upsample the label map
-        patches = torch.nn.functional.normalize(feat[0, 1:].float(), dim=-1).cpu()
-        emb = ImageEmbedding(patches, loaded.gem.grid_for(*x.shape[-2:]), tuple(x.shape[-2:]), (height, width))
-        seg = predictor.predict(names, emb)
-        masks = [(label, seg.mask(label)) for label in seg.present]
-        t4 = time.perf_counter()
-        result = prediction([brush_region(m, label, target, seg.scores[label]) for label, m in masks], "bench")
-        t5 = time.perf_counter()
-        regions = len(result["result"])
-        for key, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-            stages[key].append(value)
-    med = {k: statistics.median(v) for k, v in stages.items()}
-    other = med["decode"] + med["resize"] + med["postprocess"] + med["rle"]
-    return dict(bench="e2e", image=f"{width}x{height} JPEG", labels=labels, regions=regions,
-                model_input=f"{x.shape[-1]}x{x.shape[-2]}", **{f"{k}_s": v for k, v in med.items()},
-                non_forward_over_forward=other / med["forward"], peak_rss_mb=peak_rss_mb())
+
+def _profile_outside_forward(request: Callable[[], tuple], forward: "_TimedForward", top: int = 12) -> list:
+    """cProfile of one request; the functions with the most own time outside the forward."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    inner = forward.inner
+
+    def unprofiled(*args, **kwargs):  # the forward is not what is being profiled
+        prof.disable()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            prof.enable()
+
+    forward.inner = unprofiled
+    try:
+        prof.enable()
+        request()
+        prof.disable()
+    finally:
+        forward.inner = inner
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((v[2], v[3], f"{Path(k[0]).name}:{k[1]}({k[2]})") for k, v in stats.items()), reverse=True)
+    return [dict(function=name, own_s=round(own, 4), cumulative_s=round(cum, 4)) for own, cum, name in rows[:top]]
 
 
 def bench_click(loaded, labels: int = 10, runs: int = 3, clicks: int = 5) -> dict:
@@ -245,25 +338,230 @@ def bench_rle(runs: int = 3) -> list[dict]:
     return out
 
 
-def bench_limit(loaded, size: int) -> dict:
-    """FLOPs of one forward and the matmul throughput of this machine per dtype."""
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Fused attention ``[B, H, Lq, E] x [B, H, Lk, E] x [B, H, Lk, Ev]``: Q K^T and P V."""
+    b, h, lq, e = query
+    return 2 * b * h * lq * key[-2] * e + 2 * b * h * lq * key[-2] * value[-1]
+
+
+def _native_mha_flops(query, key, value, embed_dim, num_heads, *args, out_shape=None, **kwargs) -> int:
+    """``nn.MultiheadAttention``'s fused inference path (open_clip's plain blocks): the q/k/v
+    and output projections and the attention itself."""
+    b, lq, e = query
+    lk = key[1]
+    return 2 * b * lq * e * 3 * e + 4 * b * lq * lk * e + 2 * b * lq * e * e
+
+
+def count_forward_flops(gem, x: torch.Tensor) -> int:
+    """FLOPs of ``gem.encode_image(x)`` (a multiply-add is 2), attention included.
+
+    ``torch.utils.flop_counter`` has formulas for the matmuls and for the CUDA fused
+    attention kernels, but none for CPU's fused ``scaled_dot_product_attention`` kernel nor
+    for ``nn.MultiheadAttention``'s fused inference op: without these it misses the attention
+    (and, for the latter, the projections) of every block. They are added here.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.randn(1, 3, size, size, device=loaded.device).to(loaded.dtype)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        loaded.gem.encode_image(x)
-    flops = counter.get_total_flops()
-    rates = {}
-    n = 1024
-    for name, dtype in _DTYPES.items():
-        if loaded.device.type == "cpu" and dtype == torch.float16:
-            continue
-        a = torch.randn(n, n, device=loaded.device, dtype=dtype)
-        b = torch.randn(n, n, device=loaded.device, dtype=dtype)
-        t, _ = _median_time(lambda: a @ b, 5, 2, loaded.device.type == "cuda")
-        rates[name] = 2 * n ** 3 / t / 1e9
-    floor = {k: flops / (v * 1e9) for k, v in rates.items()}
-    return dict(bench="limit", size=size, forward_gflop=flops / 1e9, matmul_gflops=rates, floor_s=floor)
+    aten = torch.ops.aten
+    extra = {}
+    # torch's own op names (underscored): looked up by name, and only where this torch has them
+    for name, formula in (("_native_multi_head_attention", _native_mha_flops),
+                          ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_flops),
+                          ("_scaled_dot_product_fused_attention_overrideable", _sdpa_flops)):
+        if hasattr(aten, name):
+            extra[getattr(aten, name)] = formula
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        gem.encode_image(x)
+    return int(counter.get_total_flops())
+
+
+def analytic_forward_flops(gem, height: int, width: int, batch: int = 1) -> dict:
+    """The hand count of ``encode_image`` for a ViT (BENCHMARKS.md writes it out).
+
+    T = 1 + (H/p)(W/p) tokens, width d, MLP width m, L blocks of which G are GEM blocks.
+    Every block: q/k/v 6Td^2, attention 4T^2 d, output projection 2Td^2, MLP 4Tdm. A GEM
+    block adds, per self-self iteration and once more for the final pass, attention of the 3
+    paths (v, k, q): 3 x 4T^2 d each, and the GEM path's output projection 2Td^2. Plus the
+    patch embedding 2 N (3 p^2) d and the projection of both outputs 2 x 2 T d D.
+    """
+    visual = gem.visual
+    ph, pw = gem.patch_size
+    d = visual.conv1.out_channels
+    blocks = visual.transformer.resblocks
+    m = blocks[0].mlp.c_fc.out_features
+    n = (height // ph) * (width // pw)
+    t = n + 1
+    layers, g = len(blocks), len(blocks) - gem.first_gem_block
+    out_dim = visual.proj.shape[1] if visual.proj is not None else 0
+    block = 6 * t * d * d + 4 * t * t * d + 2 * t * d * d + 4 * t * d * m
+    gem_extra = (gem.ss_attn_iter + 1) * 3 * 4 * t * t * d + 2 * t * d * d
+    patch = 2 * n * 3 * ph * pw * d
+    proj = 2 * 2 * t * d * out_dim
+    total = batch * (layers * block + g * gem_extra + patch + proj)
+    return dict(tokens=t, width=d, mlp=m, layers=layers, gem_blocks=g, per_block=block, gem_extra_per_block=gem_extra,
+                patch_embed=patch, projections=proj, total=total)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, runs: int = 5) -> dict:
+    """GFLOP/s of an n x n x n GEMM in ``dtype``: the fastest of ``runs`` (the peak) and the median."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    med, times = _median_time(lambda: a @ b, runs, 1, device.type == "cuda")
+    flops = 2 * n ** 3
+    return dict(n=n, peak_gflops=flops / min(times) / 1e9, median_gflops=flops / med / 1e9)
+
+
+def bench_limit(loaded, size: int, runs: int = 3) -> dict:
+    """FLOPs of one forward (counted, and the hand count), the GEMM peak of this machine in the
+    model's dtype, the measured forward and its share of that peak."""
+    dtype = loaded.dtype
+    name = str(dtype).replace("torch.", "")
+    x = torch.randn(1, 3, size, size, device=loaded.device).to(dtype)
+    flops = count_forward_flops(loaded.gem, x)
+    hand = analytic_forward_flops(loaded.gem, size, size)
+    rec = dict(bench="limit", size=size, dtype=name, forward_gflop=flops / 1e9, hand_count_gflop=hand["total"] / 1e9,
+               counter_over_hand=flops / hand["total"], hand_count=hand)
+    if _emulated(loaded.device, dtype):
+        rec.update(matmul="not timed: this CPU has no native bf16 (avx512_bf16/amx_bf16), bf16 would be emulated")
+        return rec
+    peak = matmul_peak(loaded.device, dtype)
+    with torch.inference_mode():
+        forward_s, times = _median_time(lambda: loaded.gem.encode_image(x), runs, 1, loaded.device.type == "cuda")
+    rec.update(matmul=peak, forward_s=forward_s, forward_min_s=min(times),
+               floor_s=flops / (peak["peak_gflops"] * 1e9),
+               achieved_gflops=flops / min(times) / 1e9,
+               percent_of_matmul_peak=100.0 * flops / min(times) / (peak["peak_gflops"] * 1e9))
+    return rec
+
+
+def _emulated(device: torch.device, dtype: torch.dtype) -> bool:
+    from ..algorithm.models import cpu_has_native_bf16
+
+    return device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16()
+
+
+def machine_info() -> dict:
+    """The CPU (model, family/model numbers, bf16/AMX/AVX-512 flags), cores, torch, GPU."""
+    from ..settings import available_cores
+
+    info: dict = {"cores": available_cores(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    first = text.split("\n\n", 1)[0]
+    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    info["cpu"] = fields.get("model name", "unknown")
+    info["cpu_family_model"] = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+    info["cpu_flags"] = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16",
+                                        "amx_tile", "amx_int8", "amx_fp16"})
+    info["native_bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"})
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def _bench_subprocess(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _json_lines(proc: subprocess.Popen, what: str, timeout: float = 1800) -> list[dict]:
+    out, err = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{err[-2000:]}")
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def bench_oversubscribe(model: str, precision: str, size: int, runs: int) -> list[dict]:
+    """Two processes at once, each timing the GEM forward: with the default threads
+    (cores / 2 each: ``WORKERS=2``) and with all cores each (oversubscribed), and one process
+    alone with all cores for reference. Forward seconds per image, per process."""
+    import sys
+    import tempfile
+
+    from ..settings import available_cores
+
+    cores = available_cores()
+    base = [sys.executable, "-m", "gem_backend.cli", "bench", "--model", model, "--precision", precision,
+            "--size", str(size), "--sections", "forward", "--runs", str(runs), "--json"]
+    out = []
+    for case, threads, n in (("alone, all cores", cores, 1), ("2 processes, default threads", 0, 2),
+                             ("2 processes, all cores each", cores, 2)):
+        with tempfile.TemporaryDirectory() as barrier:
+            env = dict(os.environ, WORKERS=str(n), HF_HUB_OFFLINE="1")
+            procs = [_bench_subprocess(base + ["--threads", str(threads), "--barrier", f"{barrier}:{i}/{n}"], env)
+                     for i in range(n)]
+            recs = [next(r for r in _json_lines(p, case) if r["bench"] == "forward") for p in procs]
+        out.append(dict(bench="oversubscribe", case=case, processes=n, cores=cores,
+                        threads_per_process=[r["threads"] for r in recs],
+                        forward_s_per_process=[r["image_tower_s"] for r in recs],
+                        forward_min_s_per_process=[r["image_tower_min_s"] for r in recs],
+                        images_per_s_total=sum(1.0 / r["image_tower_s"] for r in recs)))
+    return out
+
+
+def bench_throughput(model: str, precision: str, labels: int = 10, device: str = "cpu") -> list[dict]:
+    """60 tasks (20 each of 0.3, 2 and 12 megapixel JPEGs, interleaved) with ``labels`` brush
+    labels, threshold 0, served over HTTP from this process (127.0.0.1, allowed by
+    ``GEM_ALLOWED_HOSTS``): through ``predict_tasks`` in one call, and through the bulk
+    prelabel path (``run_local`` against an in-memory Label Studio) with one and with two
+    worker processes. One fresh process per run (model loaded and warm before the clock
+    starts; the image-feature cache is cleared); images per second and peak RSS per process."""
+    import functools
+    import sys
+    import tempfile
+    import threading
+
+    sizes = [(640, 480), (1632, 1224), (4000, 3000)]
+    with tempfile.TemporaryDirectory() as tmp:
+        names = []
+        for i in range(60):
+            w, h = sizes[i % 3]
+            name = f"img{i:02d}_{w}x{h}.jpg"
+            Path(tmp, name).write_bytes(_synthetic_photo(w, h, seed=100 + i))
+            names.append(name)
+        handler = functools.partial(_QuietHandler, directory=tmp)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        urls = Path(tmp, "urls.txt")
+        urls.write_text("\n".join(f"http://127.0.0.1:{server.server_port}/{n}" for n in names))
+        env = dict(os.environ, GEM_MODEL=model, GEM_PRETRAINED="none", GEM_PRECISION=precision, GEM_DEVICE=device,
+                   GEM_ALLOWED_HOSTS="127.0.0.1", GEM_IMAGE_CACHE_MB="0", HF_HUB_OFFLINE="1")
+        env.pop("REDIS_URL", None)
+        out = []
+        try:
+            for mode, workers in (("predict_tasks", 1), ("prelabel", 1), ("prelabel", 2)):
+                with tempfile.TemporaryDirectory() as barrier:
+                    run_env = dict(env, WORKERS=str(workers))
+                    procs = [_bench_subprocess(
+                        [sys.executable, "-m", "gem_backend.jobs.throughput", "--urls", str(urls), "--mode", mode,
+                         "--share", f"{i}/{workers}", "--labels", str(labels), "--barrier", barrier], run_env)
+                        for i in range(workers)]
+                    recs = [_json_lines(p, f"throughput {mode}")[-1] for p in procs]
+                wall = max(r["end"] for r in recs) - min(r["start"] for r in recs)
+                out.append(dict(bench="throughput", path=mode, workers=workers, tasks=60, labels=labels,
+                                images="20 x 0.3 MP + 20 x 2 MP + 20 x 12 MP JPEG", seconds=wall,
+                                images_per_s=60 / wall, done=sum(r["done"] for r in recs),
+                                threads_per_process=[r["threads"] for r in recs],
+                                peak_rss_mb_per_process=[round(r["peak_rss_mb"], 1) for r in recs],
+                                label_studio="in-memory stand-in (jobs.throughput.MemoryLabelStudio)"
+                                if mode == "prelabel" else None))
+        finally:
+            server.shutdown()
+    return out
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the bench's images without an access log."""
+
+    def log_message(self, *args) -> None:
+        pass
 
 
 def bench_reference(venv: str, model: str, size: int, labels: int, runs: int, device: str) -> dict:
@@ -288,12 +586,20 @@ def run(args) -> list[dict]:
     sections = set(args.sections.split(","))
     records: list[dict] = []
 
+    machine = machine_info()
+
     def emit(rec: dict) -> None:
+        rec = dict(rec)
+        try:
+            machine["load_average"] = [round(v, 2) for v in os.getloadavg()]
+        except OSError:
+            pass
+        rec["machine"] = dict(machine)  # every record says where it was measured
         records.append(rec)
         if args.json:
             print(json.dumps(rec), flush=True)
         else:
-            items = ", ".join(f"{k}={_fmt(v)}" for k, v in rec.items() if k != "bench")
+            items = ", ".join(f"{k}={_fmt(v)}" for k, v in rec.items() if k not in ("bench", "machine"))
             print(f"{rec['bench']:>10}: {items}", flush=True)
 
     precisions = args.precision.split(",")
@@ -301,24 +607,31 @@ def run(args) -> list[dict]:
     for precision in precisions:
         loaded = build_model(args.model, precision, args.device)
         if "forward" in sections:
-            rec = bench_forward(loaded, args.size, args.batch, args.labels, args.runs, args.warmup)
+            rec = bench_forward(loaded, args.size, args.batch, args.labels, args.runs, args.warmup, args.barrier)
             emit(rec)
             if rec["dtype"] == "float32":
                 fp32_forward = rec
-            elif fp32_forward:
+            elif fp32_forward and rec["image_tower_s"] is not None:
                 emit(dict(bench="ratio", what=f"{rec['dtype']} / float32 image tower",
                           ratio=rec["image_tower_s"] / fp32_forward["image_tower_s"]))
+        if "limit" in sections:
+            emit(bench_limit(loaded, args.size, args.runs))
         if precision == precisions[0]:
             if "text" in sections:
                 emit(bench_text(loaded))
             if "e2e" in sections:
-                emit(bench_e2e(loaded, labels=20))
-            if "limit" in sections:
-                emit(bench_limit(loaded, args.size))
+                emit(bench_e2e(loaded, labels=20, runs=args.runs, profile=args.profile))
             if "click" in sections:
                 emit(bench_click(loaded, runs=args.runs))
     if "rle" in sections:
         for rec in bench_rle():
+            emit(rec)
+    fastest = precisions[-1]
+    if "oversubscribe" in sections:
+        for rec in bench_oversubscribe(args.model, fastest, args.size, args.runs):
+            emit(rec)
+    if "throughput" in sections:
+        for rec in bench_throughput(args.model, fastest, device=args.device):
             emit(rec)
     if args.reference:
         # same weights and input through both: outputs must agree, timings side by side
@@ -353,16 +666,25 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--sections", default="forward,text,e2e,rle,limit,click")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: the serving default, cores / WORKERS, or GEM_TORCH_THREADS)")
+    p.add_argument("--sections", default="forward,text,e2e,rle,limit,click",
+                   help="comma-separated; also oversubscribe, throughput (several processes; they use the last "
+                        "--precision)")
+    p.add_argument("--barrier", help=argparse.SUPPRESS)  # DIR:I/N, oversubscribe's child processes
     p.add_argument("--reference", metavar="VENV", help="also time the official package in this venv")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the table")
+    p.add_argument("--profile", action="store_true", help="e2e: also profile the time outside the forward")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
+    from ..settings import Settings, configure_torch_threads
+
+    settings = Settings.from_env()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        settings = settings.replace(torch_threads=args.threads)
+    configure_torch_threads(settings, what="bench")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run(args)
     return 0

@@ -10,6 +10,7 @@ import sys
 from ..labelstudio.api import LabelStudioAPI, LabelStudioError
 from ..options import add_label_studio_flags, add_model_flags, with_label_studio
 from ..serving.service import GEMService, ModelUnavailable
+from ..settings import configure_torch_threads
 from .prelabel import (DEFAULT_BATCH_SIZE, EXIT_ERROR, EXIT_OK, NO_LOCKS, PrelabelError, StopFlag, Summary,
                        TaskLocks, connect_redis, parse_ids, resolve_target, run_local, select_tasks)
 from .worker import add_worker_parser, enqueue_run, follow_run
@@ -92,6 +93,8 @@ def _prelabel(args, settings) -> int:
     ids = parse_ids(args.ids) if args.ids else None
     redis_client = connect_redis(settings.redis_url, "--queue" if args.queue else "prelabel") if (
         args.queue or settings.redis_url) else None
+    if not args.queue:  # this process predicts: cores / WORKERS torch threads, or GEM_TORCH_THREADS
+        configure_torch_threads(settings, what="prelabel")
     service = GEMService(settings)
     api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key,
                          timeout=(5.0, max(60.0, settings.fetch_timeout)))

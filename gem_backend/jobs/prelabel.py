@@ -3,7 +3,7 @@
 Label Studio's "Retrieve predictions" sends every selected task to ``/predict`` in one request
 with a 100 s timeout, which on CPU covers a few dozen images at most. ``gem-backend prelabel``
 instead lists the project's tasks itself, predicts them in batches with the same function as
-``/predict`` (:meth:`GEMService.predict_task_or_raise`) and the same settings and
+``/predict`` (:meth:`GEMService.predict_stream`) and the same settings and
 ``model_version`` as the project's connected backend, and stores each batch through the API:
 
     gem-backend prelabel --project 3                       # one process, progress bar, summary
@@ -42,7 +42,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 
 from ..labelstudio.api import LabelStudioAPI, LabelStudioError
-from ..labelstudio.images import ImageError
 from ..serving.service import GEMService, ProjectSpec, RequestError, check_tasks
 from ..redaction import redact_url
 from ..settings import SettingsError, parse_extra_params
@@ -286,8 +285,9 @@ def predict_and_store(service: GEMService, api: LabelStudioAPI, target: Target, 
 
     1. tasks that hold the version already (stored by an earlier or concurrent run) are skipped
        before any work;
-    2. each remaining task is predicted by :meth:`GEMService.predict_task_or_raise`, the
-       function behind ``/predict``; a task whose image cannot be fetched or decoded (or which
+    2. the remaining tasks are predicted by :meth:`GEMService.predict_stream` (the function
+       behind ``/predict``: the next images are fetched while the current ones are in the
+       model); a task whose image cannot be fetched or decoded (or which
        lacks the image field) fails with the reason, and nothing is stored for it;
     3. under the tasks' locks, each prediction's task is checked again and the batch is stored
        in one request without those that got the version meanwhile.
@@ -313,6 +313,7 @@ def predict_and_store(service: GEMService, api: LabelStudioAPI, target: Target, 
                            f"uses {target.model_version!r}: {why}"))
         return [outcomes[int(t["id"])] for t in tasks]
     ready: list[tuple[int, dict]] = []
+    todo = []
     for task in tasks:
         task_id = int(task["id"])
         if api.has_version(task_id, target.model_version):
@@ -320,11 +321,17 @@ def predict_and_store(service: GEMService, api: LabelStudioAPI, target: Target, 
             continue
         try:
             check_tasks([dict(task)], spec.targets)
-            pred = service.predict_task_or_raise(task, spec)
-        except (RequestError, ImageError, ValueError, OSError) as err:
+        except RequestError as err:
             record(Outcome(task_id, "failed", str(err) or type(err).__name__))
             continue
-        ready.append((task_id, pred))
+        todo.append(task)
+    # the function behind /predict, pipelined: the next images are fetched and decoded during
+    # the current forward; an image that fails fails its task only
+    for task, pred in service.predict_stream(todo, spec):
+        if isinstance(pred, BaseException):
+            record(Outcome(int(task["id"]), "failed", str(pred) or type(pred).__name__))
+        else:
+            ready.append((int(task["id"]), pred))
     if ready:
         for outcome in _store(api, target, ready, locks):
             record(outcome)

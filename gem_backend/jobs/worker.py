@@ -44,6 +44,7 @@ from typing import Any, Mapping
 
 from ..options import add_label_studio_flags, add_model_flags, with_label_studio
 from ..labelstudio.api import LabelStudioAPI
+from ..settings import configure_torch_threads
 from .prelabel import (EXIT_ERROR, Outcome, PrelabelError, Selection, StopFlag, Summary, Target,
                        TaskLocks, connect_redis, show_counts, predict_and_store, progress_bar)
 
@@ -361,6 +362,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         client = connect_redis(settings.redis_url, "gem-backend worker")
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key,
                              timeout=(5.0, max(60.0, settings.fetch_timeout)))
+        # cores / WORKERS torch threads (WORKERS: worker processes on this machine), or GEM_TORCH_THREADS
+        configure_torch_threads(settings, what="prelabel worker", logger=log)
         service = GEMService(settings)
         service.load()  # fail now, not in every job; jobs then only predict
         worker_class = _worker_class()

@@ -43,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["mask2rle", "rle2mask"]
+__all__ = ["mask2rle", "rle2mask", "stretched_label_rles", "stretched_mask2rle"]
 
 # What the SDK's encoder writes: 8-bit words, count fields of 3/4/8/16 bits.
 _WORD_SIZE = 8
@@ -110,6 +110,152 @@ def mask2rle(mask: np.ndarray) -> list[int]:
 
     records, widths = _repeat_records(lengths, values)
     return _pack(records, widths, num=4 * flat.size)
+
+
+def stretched_mask2rle(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> list[int]:
+    """``mask2rle(mask[rows][:, cols])`` without building the stretched mask.
+
+    A label map decided at the model's input size and upsampled by nearest neighbour
+    (``resize_nearest``: ``rows``/``cols`` are the source row/column of every output
+    row/column) has all its information in the small map. The RLE format encodes runs of
+    the flattened full-size mask: a full-size row is a small row's runs stretched by the
+    column multiplicities, and consecutive output rows with the same source row repeat it.
+    So the runs of the full mask come from the small one, and the bytes are exactly
+    ``mask2rle`` of the full mask (and so the SDK's), for any size and scale factor.
+
+    Arguments:
+      mask (np.ndarray): ``[h, w]`` uint8 (or ``int`` in [0, 255]), as for :func:`mask2rle`.
+      rows (np.ndarray): ``[H]`` ints in ``[0, h)``, non-decreasing.
+      cols (np.ndarray): ``[W]`` ints in ``[0, w)``, non-decreasing.
+
+    Returns:
+      (list(int)): ``mask2rle(mask[rows][:, cols])``.
+
+    Raises:
+      TypeError / ValueError: as :func:`mask2rle`, and for index maps out of range or not
+        non-decreasing.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise TypeError(f"mask must be a 2-D array, got shape {mask.shape}")
+    if mask.dtype != np.uint8 and mask.dtype != np.dtype(int):
+        raise TypeError(f"mask dtype must be uint8 or int, got {mask.dtype}")
+    rows, cols = _check_stretch(mask, rows, cols)
+    if mask.dtype != np.uint8:
+        if mask.min() < 0 or mask.max() > 255:
+            raise ValueError("int mask values must be in [0, 255]")
+        mask = mask.astype(np.uint8)
+    runs, row_mult, hr = _small_runs(mask, rows, cols)
+    run_row, run_value, run_len = runs
+    return _stretched_rle(run_row, run_value, run_len, hr, row_mult, 4 * rows.size * cols.size)
+
+
+def stretched_label_rles(label_map: np.ndarray, values: Sequence[int], rows: np.ndarray,
+                         cols: np.ndarray) -> list[list[int]]:
+    """The brush RLE of several labels of one label map, stretched by ``rows``/``cols``:
+    ``[stretched_mask2rle(np.where(label_map == v, 255, 0), rows, cols) for v in values]``,
+    the same bytes, with one pass over the map (each label's mask then comes from the
+    map's runs, not from its pixels).
+
+    Arguments:
+      label_map (np.ndarray): ``[h, w]`` integer label map (e.g. uint16).
+      values (Sequence[int]): the label values wanted.
+      rows, cols: as for :func:`stretched_mask2rle`.
+    """
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2 or label_map.dtype.kind not in "iub":
+        raise TypeError(f"label_map must be a 2-D integer array, got {label_map.shape} {label_map.dtype}")
+    rows, cols = _check_stretch(label_map, rows, cols)
+    (run_row, run_value, run_len), row_mult, hr = _small_runs(label_map, rows, cols)
+    num = 4 * rows.size * cols.size
+    row_first = np.ones(run_row.size, np.bool_)
+    np.not_equal(run_row[1:], run_row[:-1], out=row_first[1:])
+    out = []
+    for value in values:
+        inside = run_value == value
+        # the label's own runs: where inside/outside flips within a row, and each row start
+        first = row_first.copy()
+        first[1:] |= inside[1:] != inside[:-1]
+        starts = np.flatnonzero(first)
+        lengths = np.add.reduceat(run_len, starts)
+        out.append(_stretched_rle(run_row[starts], inside[starts].view(np.uint8) * np.uint8(255), lengths,
+                                  hr, row_mult, num))
+    return out
+
+
+def _check_stretch(mask: np.ndarray, rows, cols) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.asarray(rows, np.int64).ravel()
+    cols = np.asarray(cols, np.int64).ravel()
+    if mask.size == 0 or rows.size == 0 or cols.size == 0:
+        raise ValueError(f"mask has no pixels: shape {mask.shape} stretched to {(rows.size, cols.size)}")
+    if 4 * rows.size * cols.size >= 1 << 32:
+        raise ValueError(f"mask too large for a 32-bit word count: shape {(rows.size, cols.size)}")
+    for idx, n, what in ((rows, mask.shape[0], "rows"), (cols, mask.shape[1], "cols")):
+        if idx[0] < 0 or idx[-1] >= n or np.any(idx[1:] < idx[:-1]):
+            raise ValueError(f"{what} must be non-decreasing indices in [0, {n})")
+    return rows, cols
+
+
+def _small_runs(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray):
+    """Runs of the rows of ``mask`` restricted to the rows/columns that show, with each run's
+    length in output columns: ``((row, value, length), row multiplicities, row count)``."""
+    src_rows, row_mult = _groups(rows)
+    src_cols, col_mult = _groups(cols)
+    small = mask
+    if src_rows.size != mask.shape[0] or src_rows[-1] != mask.shape[0] - 1:
+        small = small[src_rows]
+    if src_cols.size != mask.shape[1] or src_cols[-1] != mask.shape[1] - 1:
+        small = small[:, src_cols]
+    small = np.ascontiguousarray(small)  # each output row/column once: [hr, wr]
+    hr, wr = small.shape
+
+    # runs of each small row, in raster order: they start after a value change of the
+    # flattened small map and at every row start
+    flat = small.ravel()
+    starts = np.unique(np.concatenate([_change_points(flat) + 1, np.arange(hr, dtype=np.int64) * wr]))
+    run_row = starts // wr
+    run_col = starts - run_row * wr
+    # each run's length in output columns: column multiplicities summed over the run
+    col_pos = np.zeros(wr + 1, np.int64)
+    np.cumsum(col_mult, out=col_pos[1:])
+    run_end = np.empty_like(starts)
+    run_end[:-1] = starts[1:]
+    run_end[-1] = flat.size
+    run_end -= run_row * wr  # a row's last run ends at the next row's start: column wr
+    return (run_row, flat[starts], col_pos[run_end] - col_pos[run_col]), row_mult, hr
+
+
+def _stretched_rle(run_row: np.ndarray, run_value: np.ndarray, run_len: np.ndarray, hr: int,
+                   row_mult: np.ndarray, num: int) -> list[int]:
+    """The RLE bytes of the full mask from the runs of its ``hr`` distinct rows (raster order,
+    every row has >= 1 run), row ``i`` repeated ``row_mult[i]`` times."""
+    per_row = np.bincount(run_row, minlength=hr)
+    first_run = np.cumsum(per_row) - per_row
+    # the output rows in order: small row i, row_mult[i] times; their runs one after another
+    out_rows = np.repeat(np.arange(hr), row_mult)
+    seq = _ranges(first_run[out_rows], per_row[out_rows])
+    values = run_value[seq]
+    # runs of equal value meet only across a row end (within a row they alternate): merge
+    last = np.empty(seq.size, np.bool_)
+    np.not_equal(values[1:], values[:-1], out=last[:-1])
+    last[-1] = True
+    ends = np.cumsum(run_len[seq])[last]
+    lengths = np.diff(ends, prepend=0)
+    lengths *= 4
+    records, widths = _repeat_records(lengths, values[last].astype(np.uint8, copy=False))
+    return _pack(records, widths, num=num)
+
+
+def _groups(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive equal entries of ``index``: (the entry, how many times in a row)."""
+    first = np.flatnonzero(np.concatenate([[True], index[1:] != index[:-1]]))
+    return index[first], np.diff(np.append(first, index.size))
+
+
+def _ranges(lo: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(lo[i], lo[i] + counts[i])`` for all ``i`` (counts >= 1)."""
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(lo - offsets, counts) + np.arange(int(counts.sum()), dtype=np.int64)
 
 
 def _change_points(flat: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ Result format (what Label Studio 1.23 stores and shows, see
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from typing import Any, Iterable, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 
 from .spec import BrushTarget, LabelTarget
 
-__all__ = ["brush_region", "choices_region", "new_region_id", "polygon_region", "prediction", "rectangle_region"]
+__all__ = ["brush_region", "brush_region_from_rle", "choices_region", "dumps", "new_region_id", "polygon_region", "prediction", "rectangle_region"]
 
 
 def new_region_id() -> str:
@@ -36,7 +37,7 @@ def _finite_score(score: Any, what: str) -> float:
     return value
 
 
-def _mask2rle(mask: np.ndarray) -> list[int]:
+def _mask2rle(mask: np.ndarray, stretch: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
     try:
         from .brush import mask2rle
     except ModuleNotFoundError as exc:
@@ -44,6 +45,13 @@ def _mask2rle(mask: np.ndarray) -> list[int]:
         if exc.name != f"{__package__}.brush":
             raise
         from label_studio_sdk.converter.brush import mask2rle
+    if stretch is not None:
+        try:
+            from .brush import stretched_mask2rle
+        except ImportError:  # only the SDK's encoder: build the full-size mask
+            mask = np.ascontiguousarray(mask[stretch[0]][:, stretch[1]])
+        else:
+            return stretched_mask2rle(mask, *stretch)
     return [int(v) for v in mask2rle(mask)]
 
 
@@ -69,6 +77,7 @@ def brush_region(
     target: BrushTarget,
     score: float,
     region_id: str | None = None,
+    stretch: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """One Label Studio ``brushlabels`` result for one mask.
 
@@ -78,6 +87,11 @@ def brush_region(
     - ``label``: one of ``target.labels``.
     - ``score``: region confidence, usually in [0, 1].
     - ``region_id``: unique id within the prediction; a new random one when None.
+    - ``stretch``: ``(rows, cols)``, the full-size mask is ``mask[rows][:, cols]`` (a mask at
+      the model input size and the nearest-upsampling index maps,
+      :attr:`gem_backend.algorithm.segmentation.Segmentation.rows`/``cols``): the RLE is
+      computed from the small mask (:func:`~gem_backend.labelstudio.brush.stretched_mask2rle`,
+      the same bytes) and H x W is ``len(rows) x len(cols)``.
 
     Returns ``{"id", "from_name", "to_name", "type": "brushlabels", "original_width",
     "original_height", "image_rotation": 0, "score", "value": {"format": "rle", "rle": [int,
@@ -97,8 +111,25 @@ def brush_region(
     if label not in target.labels:
         raise ValueError(f"label {label!r} is not one of {list(target.labels)} of {target.from_name!r}")
 
-    height, width = mask.shape
-    value = {"format": "rle", "rle": _mask2rle(np.ascontiguousarray(mask)), "brushlabels": [label]}
+    if stretch is not None:
+        rows, cols = (np.asarray(a, np.int64) for a in stretch)
+        height, width = rows.size, cols.size
+        if not height or not width:
+            raise ValueError("stretch index maps must not be empty")
+        value = {"format": "rle", "rle": _mask2rle(mask, (rows, cols)), "brushlabels": [label]}
+    else:
+        height, width = mask.shape
+        value = {"format": "rle", "rle": _mask2rle(np.ascontiguousarray(mask)), "brushlabels": [label]}
+    return _image_region("brushlabels", target, width, height, score, value, region_id)
+
+
+def brush_region_from_rle(rle: list[int], size: tuple[int, int], label: str, target: BrushTarget, score: float,
+                          region_id: str | None = None) -> dict:
+    """A ``brushlabels`` result from an RLE already encoded for an ``(H, W)`` image (e.g. by
+    :func:`~gem_backend.labelstudio.brush.stretched_label_rles`); as :func:`brush_region`."""
+    _check_label(label, target)
+    height, width = (int(v) for v in size)
+    value = {"format": "rle", "rle": rle, "brushlabels": [label]}
     return _image_region("brushlabels", target, width, height, score, value, region_id)
 
 
@@ -202,3 +233,51 @@ def prediction(
     else:
         overall = _finite_score(score, "prediction score")
     return {"result": result, "score": overall, "model_version": str(model_version)}
+
+
+_BYTE_TEXT = [str(v) for v in range(256)]
+
+
+def _byte_list_json(values: Sequence[int]) -> str:
+    """``json.dumps(values, separators=(",", ":"))`` for a list of ints in [0, 255], ~3x faster."""
+    data = bytes(values)  # checks the range: iterating it gives ints in [0, 255]
+    return "[" + ",".join(map(_BYTE_TEXT.__getitem__, data)) + "]"
+
+
+def dumps(obj: Any) -> str:
+    """``obj`` as compact JSON with sorted keys (what Flask's ``jsonify`` writes), with brush
+    RLE lists (``"rle": [int, ...]``, ~1 MB of ints for a 12 MP image with 20 labels) written
+    by a vectorised path: ``json.dumps`` spends ~0.1 s per megabyte of small ints.
+    ``json.loads(dumps(obj)) == obj``."""
+    token = secrets.token_hex(8)
+    texts: list[str] = []
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "rle" and isinstance(value, list) and all(type(v) is int for v in value[:1]):
+                    try:
+                        text = _byte_list_json(value)
+                    except (ValueError, TypeError):  # not bytes after all: the plain encoder
+                        out[key] = swap(value)
+                        continue
+                    out[key] = f"{token}:{len(texts)}"
+                    texts.append(text)
+                else:
+                    out[key] = swap(value)
+            return out
+        if isinstance(node, (list, tuple)):
+            return [swap(v) for v in node]
+        return node
+
+    text = json.dumps(swap(obj), separators=(",", ":"), sort_keys=True)
+    if not texts:
+        return text
+    parts = text.split(f'"{token}:')
+    out = [parts[0]]
+    for part in parts[1:]:
+        index, _, rest = part.partition('"')
+        out.append(texts[int(index)])
+        out.append(rest)
+    return "".join(out)

@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 from .learner import Learner
 from .service import GEMService, ModelUnavailable, RequestError
 from ..settings import Settings, SettingsError, parse_extra_params
+from ..labelstudio.results import dumps
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,9 @@ def create_app(settings: Settings | None = None, service: GEMService | None = No
         context = params_body.get("context") if isinstance(params_body, dict) else None
         results = service.predict_tasks(body["tasks"], label_config=None, spec=spec, context=context)
         metrics.predictions.inc(len(results))
-        return jsonify(results=results, model_version=spec.model_version)
+        # the brush RLE lists are most of the reply: written by a vectorised encoder
+        return Response(dumps({"results": results, "model_version": spec.model_version}) + "\n",
+                        mimetype="application/json")
 
     @app.post("/webhook")
     def webhook():

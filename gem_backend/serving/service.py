@@ -13,8 +13,9 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,11 +24,12 @@ from .feature_cache import EmbeddingCache, embedding_key, image_namespace
 from ..labelstudio.images import ImageError, ImageFetcher, decode_image, original_size
 from ..labelstudio.interactive import InteractiveContext, parse_context, select_region
 from ..labelstudio.spec import BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget, TextPromptTarget, match_label, parse_labeling_config
-from ..labelstudio.results import brush_region, choices_region, polygon_region, prediction, rectangle_region
+from ..labelstudio.brush import stretched_label_rles
+from ..labelstudio.results import brush_region, brush_region_from_rle, choices_region, polygon_region, prediction, rectangle_region
 from .metrics import Metrics
 from ..algorithm.regions import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
 from ..algorithm.segmentation import (BACKGROUND_KEY, GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings,
-                           resize_nearest)
+                                      nearest_indices)
 from ..settings import Settings, SettingsError
 from .text_cache import TextEmbeddingCache
 
@@ -97,6 +99,7 @@ class GEMService:
         self._image_cache: EmbeddingCache | None = None
         self._prototype_store = None
         self._store_warned = 0.0
+        self._prefetch_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ model
     @property
@@ -341,6 +344,9 @@ class GEMService:
         ``context``: Label Studio's ``params.context`` of an interactive call (smart-tool
         clicks/boxes, TextArea text); see :meth:`predict_task_or_raise`.
 
+        Several tasks go through :meth:`predict_stream`: the next tasks' images are fetched
+        and decoded while the current ones run through the model.
+
         A task whose image cannot be fetched, decoded or segmented gets an empty
         prediction (``result: []``, score 0) and a warning naming the task and the reason;
         the other tasks are not affected.
@@ -351,75 +357,148 @@ class GEMService:
         """
         spec = spec or self.project(label_config, extra_params)
         check_tasks(tasks, spec.targets)
-        loaded = self.load()
-        batch = self.settings.batch_size or (8 if loaded.device.type == "cuda" else 1)
-        if batch <= 1 or len(tasks) < 2 or parse_context(context).has_geometry:
+        self.load()
+        if len(tasks) < 2 or parse_context(context).has_geometry:
             return [self.predict_task(task, spec, context) for task in tasks]
         results = []
-        # a window of a few batches at a time: bounded memory for requests of 1000 tasks
-        for start in range(0, len(tasks), 4 * batch):
-            window = tasks[start:start + 4 * batch]
-            ready = self.batched_embeddings(window, spec, batch)
-            results.extend(self.predict_task(task, spec, context, ready) for task in window)
+        for task, out in self.predict_stream(tasks, spec, context):
+            if isinstance(out, BaseException):
+                results.append(self._failed(task, spec, out))
+            else:
+                results.append(out)
         return results
 
-    def batched_embeddings(self, tasks: Sequence[Mapping], spec: ProjectSpec,
-                           batch: int) -> dict[str, ImageEmbedding]:
-        """GEM features of the tasks' images, the image tower run on ``batch`` images of one
-        input size at a time (GPU throughput). ``{url: ImageEmbedding}``; images that fail
-        to fetch or decode are left out (the task's own pass reports them)."""
+    # images fetched and decoded ahead of the forward (threads: fetch and JPEG decode release the GIL)
+    PREFETCH_THREADS = 2
+
+    @property
+    def prefetch_pool(self) -> ThreadPoolExecutor:
+        """The small thread pool that fetches and decodes the next tasks' images."""
+        with self._caches_lock:
+            if self._prefetch_pool is None:
+                self._prefetch_pool = ThreadPoolExecutor(self.PREFETCH_THREADS, thread_name_prefix="gem-prefetch")
+            return self._prefetch_pool
+
+    def predict_stream(self, tasks: Sequence[Mapping], spec: ProjectSpec, context: Any = None,
+                       batch: int | None = None) -> Iterator[tuple[Mapping, dict | Exception]]:
+        """``(task, prediction or the image error)`` per task, in order, pipelined: the tasks go
+        in windows of ``4 * batch``; the images of window ``k + 1`` are fetched, hashed, looked
+        up in the feature cache, decoded and resized in :attr:`prefetch_pool` while window
+        ``k`` runs through the model, ``batch`` images of one input size per forward
+        (``GEM_BATCH_SIZE``; default 8 on GPU, 1 on CPU). The predictions are those of
+        :meth:`predict_task_or_raise` one task at a time; an image that fails (fetch, decode,
+        unusable size: :class:`ImageError`, ``ValueError``, ``OSError``) fails its tasks only.
+        ``/predict`` (:meth:`predict_tasks`) and the bulk jobs both use it."""
+        loaded = self.load()
+        batch = batch or self.settings.batch_size or (8 if loaded.device.type == "cuda" else 1)
+        window = 4 * batch
         predictor = self.predictor(spec.segmentation)
-        namespace = image_namespace(self.settings, spec.segmentation, str(self.load().dtype))
-        ready: dict[str, ImageEmbedding] = {}
-        pending: dict[str, tuple[str, torch.Tensor, tuple[int, int]]] = {}
-        for task in tasks:
-            for target in spec.targets:
-                url = task["data"].get(target.value_key)
-                if not isinstance(url, str) or url in ready or url in pending:
-                    continue
-                try:
-                    data, content_type, source = self.fetcher.fetch_raw(url, task.get("id"))
-                    key = embedding_key(data, namespace)
-                    cached, _ = self.image_cache.get(key)
-                    if cached is not None:
-                        ready[url] = cached
-                        continue
-                    image = decode_image(data, source, self.fetcher.max_pixels, content_type,
-                                    min_size=spec.segmentation.decode_short_side)
-                    width, height = original_size(image)
-                    check_usable(width, height, source)
-                    pending[url] = (key, predictor.preprocess(np.asarray(image), (height, width)), (height, width))
-                except (ImageError, ValueError, OSError):
-                    continue
-        by_shape: dict[tuple, list[str]] = {}
-        for url, (_, x, _) in pending.items():
-            by_shape.setdefault(tuple(x.shape), []).append(url)
-        for urls in by_shape.values():
-            for i in range(0, len(urls), batch):
-                chunk = urls[i:i + batch]
-                x = torch.cat([pending[u][1] for u in chunk])
-                with self._infer_lock:
-                    started = time.perf_counter()
-                    embeddings = predictor.embed_batch(x, [pending[u][2] for u in chunk])
-                    per_image = (time.perf_counter() - started) / len(chunk)
-                for url, emb in zip(chunk, embeddings):
-                    self.metrics.forward_seconds.observe(per_image)
-                    self.image_cache.put(pending[url][0], emb)
-                    ready[url] = emb
+        namespace = image_namespace(self.settings, spec.segmentation, str(loaded.dtype))
+        chunks = [tasks[i:i + window] for i in range(0, len(tasks), window)]
+
+        def submit(chunk: Sequence[Mapping]) -> dict[str, Future]:
+            futures: dict[str, Future] = {}
+            for task in chunk:
+                data = task.get("data") if isinstance(task, Mapping) else None
+                for target in spec.targets:
+                    url = data.get(target.value_key) if isinstance(data, Mapping) else None
+                    if isinstance(url, str) and url not in futures:
+                        futures[url] = self.prefetch_pool.submit(self._prepare_image, url, task.get("id"),
+                                                                 spec.segmentation, predictor, namespace)
+            return futures
+
+        upcoming = submit(chunks[0]) if chunks else {}
+        try:
+            for k, chunk in enumerate(chunks):
+                current = upcoming
+                # the next window's fetch and decode overlap this window's forwards
+                upcoming = submit(chunks[k + 1]) if k + 1 < len(chunks) else {}
+                ready = self._embed_prepared(current, predictor, batch)
+                for task in chunk:
+                    try:
+                        yield task, self.predict_task_or_raise(task, spec, context, ready)
+                    except (ImageError, ValueError, OSError) as err:
+                        yield task, err
+        finally:
+            for future in upcoming.values():  # the caller stopped early: drop what is not started
+                future.cancel()
+
+    def _prepare_image(self, url: str, task_id: Any, segmentation: SegmentationSettings,
+                       predictor: GEMPredictor, namespace: str):
+        """In a prefetch thread: ``("ready", ImageEmbedding)`` from the cache, or ``("input", key,
+        x [1, 3, H_in, W_in], (H, W))`` decoded and resized for the model. Raises image errors."""
+        started = time.perf_counter()
+        data, content_type, source = self.fetcher.fetch_raw(url, task_id)
+        key = embedding_key(data, namespace)
+        cached, where = self.image_cache.get(key)
+        self.metrics.image_cache.labels(result={"local": "local_hits", "redis": "redis_hits"}.get(where, "misses")).inc()
+        if cached is not None and cached.guide is None and segmentation.refine != "none":
+            cached = None  # cached before images were kept: refinement needs it
+        if cached is not None:
+            self.metrics.fetch_seconds.observe(time.perf_counter() - started)
+            return ("ready", cached)
+        image = decode_image(data, source, self.fetcher.max_pixels, content_type,
+                             min_size=segmentation.decode_short_side)
+        width, height = original_size(image)
+        check_usable(width, height, source)
+        x = predictor.preprocess(np.asarray(image), (height, width))
+        self.metrics.fetch_seconds.observe(time.perf_counter() - started)
+        return ("input", key, x, (height, width))
+
+    def _embed_prepared(self, futures: Mapping[str, Future], predictor: GEMPredictor,
+                        batch: int) -> dict[str, ImageEmbedding | Exception]:
+        """Wait for the prepared images in order; run the model on ``batch`` of one input size
+        at a time as they come (the rest at the end). ``{url: ImageEmbedding or image error}``."""
+        ready: dict[str, ImageEmbedding | Exception] = {}
+        buckets: dict[tuple, list[tuple[str, str, torch.Tensor, tuple[int, int]]]] = {}
+
+        def run(items) -> None:
+            x = torch.cat([item[2] for item in items])
+            with self._infer_lock:
+                started = time.perf_counter()
+                embeddings = predictor.embed_batch(x, [item[3] for item in items])
+                per_image = (time.perf_counter() - started) / len(items)
+            for (url, key, _, _), emb in zip(items, embeddings):
+                self.metrics.forward_seconds.observe(per_image)
+                self.image_cache.put(key, emb)
+                ready[url] = emb
+
+        for url, future in futures.items():
+            try:
+                prepared = future.result()
+            except (ImageError, ValueError, OSError) as err:
+                ready[url] = err
+                continue
+            if prepared[0] == "ready":
+                ready[url] = prepared[1]
+                continue
+            _, key, x, size = prepared
+            bucket = buckets.setdefault(tuple(x.shape), [])
+            bucket.append((url, key, x, size))
+            if len(bucket) >= batch:
+                run(bucket)
+                bucket.clear()
+        for bucket in buckets.values():
+            if bucket:
+                run(bucket)
         return ready
+
+    def _failed(self, task: Mapping, spec: ProjectSpec, err: BaseException) -> dict:
+        self.metrics.task_failures.labels(reason=type(err).__name__).inc()
+        log.warning("task %s: no prediction: %s", task.get("id"), err)
+        return prediction([], spec.model_version)
 
     def predict_task(self, task: Mapping, spec: ProjectSpec, context: Any = None,
                      ready: Mapping[str, ImageEmbedding] | None = None) -> dict:
         """One task -> one prediction dict (never raises for image problems).
 
-        ``ready``: image features computed beforehand (:meth:`batched_embeddings`), by URL.
+        ``ready``: image features computed beforehand (:meth:`predict_stream`), by URL; an
+        exception there is the error of fetching that image, raised for this task.
         """
         try:
             return self.predict_task_or_raise(task, spec, context, ready)
         except (ImageError, ValueError, OSError) as err:
-            self.metrics.task_failures.labels(reason=type(err).__name__).inc()
-            log.warning("task %s: no prediction: %s", task.get("id"), err)
-            return prediction([], spec.model_version)
+            return self._failed(task, spec, err)
 
     def predict_task_or_raise(self, task: Mapping, spec: ProjectSpec, context: Any = None,
                               ready: Mapping[str, ImageEmbedding] | None = None) -> dict:
@@ -448,6 +527,8 @@ class GEMService:
             url = task["data"][target.value_key]
             if url not in embeddings:  # several controls on one image share its embedding
                 embeddings[url] = self.image_embedding(predictor, url, task_id, spec.segmentation)
+            if isinstance(embeddings[url], Exception):
+                raise embeddings[url]
             result = predictor.predict(list(dict.fromkeys(p for _, p in pairs)), embeddings[url],
                                        prototypes=self.prompt_prototypes(spec, pairs))
             for region, area, margin in self._target_regions(result, target, pairs, spec.segmentation):
@@ -489,8 +570,9 @@ class GEMService:
         height, width = embedding.original_size
         small = chosen.mask
         if isinstance(target, BrushTarget):
-            full = resize_nearest(small.astype(np.uint8), (height, width)).astype(bool)
-            regions = [brush_region(full, label, target, chosen.score)]
+            # the full-size mask is never built: its RLE comes from the small one
+            stretch = (nearest_indices(small.shape[0], height), nearest_indices(small.shape[1], width))
+            regions = [brush_region(small, label, target, chosen.score, stretch=stretch)]
         else:
             regions = [region for region, _, _ in
                        self._shapes(small, small.astype(np.float32) * chosen.score, label, target, seg,
@@ -574,17 +656,19 @@ class GEMService:
             present.append((label, prompt))
         if isinstance(target, ChoicesTarget):
             return self._choices(result, target, present)
+        if isinstance(target, BrushTarget):
+            kept = [(label, prompt) for label, prompt in present
+                    if target.score_threshold is None or result.scores[prompt] >= target.score_threshold]
+            # every label's RLE from the map at the model input size, in one pass over it: the
+            # same bytes as each full-size mask's (stretched_label_rles); no full-size array
+            rles = stretched_label_rles(result.input_map, [result.labels.index(p) + 1 for _, p in kept],
+                                        result.rows, result.cols)
+            return [(brush_region_from_rle(rle, result.original_size, label, target, result.scores[prompt]),
+                     result.areas[prompt], result.margins.get(prompt, result.scores[prompt]))
+                    for (label, prompt), rle in zip(kept, rles)]
         for label, prompt in present:
-            score = result.scores[prompt]
-            if isinstance(target, BrushTarget):
-                if target.score_threshold is not None and score < target.score_threshold:
-                    continue
-                out.append((brush_region(result.mask(prompt), label, target, score), result.areas[prompt],
-                            result.margins.get(prompt, score)))
-                continue
-            small = result.input_map == result.labels.index(prompt) + 1
-            out.extend(self._shapes(small, result.confidence, label, target, segmentation,
-                                    result.label_map.shape, margin=result.margin))
+            out.extend(self._shapes(result.small_mask(prompt), result.confidence, label, target, segmentation,
+                                    result.original_size, margin=result.margin))
         return out
 
     @staticmethod
