@@ -557,10 +557,6 @@ def test_predict_with_no_tasks_answers_an_empty_list(tmp_path, loaded):
     (dict(json=predict_body([SMALL_URI], tasks={"id": 1, "data": {"image": SMALL_URI}})), ["'tasks' must be a list"]),
     (dict(json=predict_body([SMALL_URI], tasks=[{"id": 1, "data": {"image": SMALL_URI}}, "task 2"])),
      ["tasks[1]", "str", "not a task object"]),
-    (dict(json=predict_body([SMALL_URI], tasks=[{"id": 4}])), ["tasks[0]", "id 4", "'data'"]),
-    (dict(json=predict_body([SMALL_URI], tasks=[{"id": 5, "data": {"img": SMALL_URI}}])),
-     ["tasks[0]", "id 5", "data.image"]),
-    (dict(json=predict_body([SMALL_URI], tasks=[{"id": 6, "data": {"image": ""}}])), ["id 6", "data.image"]),
     (dict(json=predict_body([SMALL_URI], label_config=None)), ["label config"]),
     (dict(json=predict_body([SMALL_URI], label_config='<View><Image name="i" value="$image"/></View>')),
      ["BrushLabels"]),
@@ -575,6 +571,23 @@ def test_predict_rejects_malformed_requests_with_a_message(tmp_path, loaded, kwa
     for word in words:
         assert word in message, message
     assert metric(client, "gem_model_forward_seconds_count") == 0
+
+
+@pytest.mark.parametrize("bad", [{"id": 2, "data": {"img": SMALL_URI}}, {"id": 2, "data": {"image": ""}},
+                                 {"id": 2, "data": {"image": 7}}, {"id": 2, "data": {"image": [SMALL_URI]}},
+                                 {"id": 2}])
+def test_a_task_without_its_image_gets_its_own_empty_prediction(tmp_path, loaded, caplog, bad):
+    app, _ = make_app(make_settings(tmp_path), loaded)
+    tasks = [{"id": 1, "data": {"image": SMALL_URI}}, bad, {"id": 3, "data": {"image": SMALL_URI}}]
+    r = app.test_client().post("/predict", json=predict_body([SMALL_URI], tasks=tasks))
+    assert r.status_code == 200, r.data
+    results = r.get_json()["results"]
+    assert len(results) == 3
+    assert results[0]["result"] and results[2]["result"]  # the others are predicted
+    assert results[1]["result"] == [] and results[1]["score"] == 0
+    assert results[1]["model_version"] == results[0]["model_version"]
+    assert any("task 2" in rec.getMessage() and ("data.image" in rec.getMessage() or "'data'" in rec.getMessage())
+               for rec in caplog.records)  # the reason, naming the task
 
 
 def test_predict_body_over_the_limit_is_413(tmp_path, loaded):

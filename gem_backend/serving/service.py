@@ -347,26 +347,29 @@ class GEMService:
         Several tasks go through :meth:`predict_stream`: the next tasks' images are fetched
         and decoded while the current ones run through the model.
 
-        A task whose image cannot be fetched, decoded or segmented gets an empty
+        A task whose image cannot be fetched, decoded or segmented, or that has no image URL
+        under the key the label config reads (:func:`task_problem`), gets an empty
         prediction (``result: []``, score 0) and a warning naming the task and the reason;
         the other tasks are not affected.
 
         Raises:
-            RequestError: the config/params are unusable or a task is malformed.
+            RequestError: the config/params are unusable, or ``tasks`` is not a list of
+                task objects.
             ModelUnavailable: the model cannot be loaded.
         """
         spec = spec or self.project(label_config, extra_params)
-        check_tasks(tasks, spec.targets)
-        self.load()
-        if len(tasks) < 2 or parse_context(context).has_geometry:
-            return [self.predict_task(task, spec, context) for task in tasks]
-        results = []
-        for task, out in self.predict_stream(tasks, spec, context):
-            if isinstance(out, BaseException):
-                results.append(self._failed(task, spec, out))
-            else:
-                results.append(out)
-        return results
+        check_request_tasks(tasks)
+        problems = [task_problem(task, spec.targets) for task in tasks]
+        usable = [task for task, problem in zip(tasks, problems) if problem is None]
+        if usable:
+            self.load()
+        if len(usable) < 2 or parse_context(context).has_geometry:
+            done = iter([self.predict_task(task, spec, context) for task in usable])
+        else:
+            done = iter([self._failed(task, spec, out) if isinstance(out, BaseException) else out
+                         for task, out in self.predict_stream(usable, spec, context)])
+        return [next(done) if problem is None else self._failed(task, spec, RequestError(problem))
+                for task, problem in zip(tasks, problems)]
 
     # images fetched and decoded ahead of the forward (threads: fetch and JPEG decode release the GIL)
     PREFETCH_THREADS = 2
@@ -756,19 +759,36 @@ def check_usable(width: int, height: int, source: str) -> None:
                          f"{MAX_ASPECT_RATIO}:1")
 
 
-def check_tasks(tasks: Any, targets: Sequence[LabelTarget]) -> None:
-    """Raise :class:`RequestError` unless ``tasks`` is a list of task objects with image data."""
+def check_request_tasks(tasks: Any) -> None:
+    """Raise :class:`RequestError` unless ``tasks`` is a list of task objects (a request
+    malformed as a whole: nothing in it can be trusted)."""
     if not isinstance(tasks, list):
         raise RequestError("'tasks' must be a list of task objects")
-    keys = sorted({t.value_key for t in targets})
     for i, task in enumerate(tasks):
         if not isinstance(task, Mapping):
             raise RequestError(f"tasks[{i}] is {type(task).__name__}, not a task object")
-        data = task.get("data")
-        if not isinstance(data, Mapping):
-            raise RequestError(f"tasks[{i}] (id {task.get('id')}) has no 'data' object")
-        for key in keys:
-            value = data.get(key)
-            if not isinstance(value, str) or not value.strip():
-                raise RequestError(f"tasks[{i}] (id {task.get('id')}) has no image URL under data.{key} "
-                                   f"(the label config's <Image value=\"${key}\">)")
+
+
+def task_problem(task: Mapping, targets: Sequence[LabelTarget]) -> str | None:
+    """Why this task cannot be predicted (no ``data`` object, no image URL under a key the
+    label config reads), or None. One such task gets its own empty prediction; a project
+    whose tasks were imported with mixed data fields keeps the others' predictions."""
+    data = task.get("data")
+    if not isinstance(data, Mapping):
+        return f"task {task.get('id')} has no 'data' object"
+    for key in sorted({t.value_key for t in targets}):
+        value = data.get(key)
+        if not isinstance(value, str) or not value.strip():
+            got = "missing" if key not in data else f"{type(value).__name__} {str(value)[:40]!r}"
+            return (f"task {task.get('id')} has no image URL under data.{key} (the label config's "
+                    f"<Image value=\"${key}\">; got {got})")
+    return None
+
+
+def check_tasks(tasks: Any, targets: Sequence[LabelTarget]) -> None:
+    """Raise :class:`RequestError` unless ``tasks`` is a list of task objects with image data."""
+    check_request_tasks(tasks)
+    for task in tasks:
+        problem = task_problem(task, targets)
+        if problem:
+            raise RequestError(problem)
