@@ -85,6 +85,14 @@ def _parse_allowed_hosts(value: str) -> tuple[str, ...]:
     return parse_allowed_hosts(value)
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        # a cache entry without a TTL is never evicted under volatile-lru and fills Redis
+        raise ValueError("must be >= 1 (seconds): cache entries always expire")
+    return number
+
+
 def _parse_method(value: str) -> str:
     from .algorithm.methods import method_names
 
@@ -188,7 +196,9 @@ class Settings:
     text_cache_size: int = 4096                     # GEM_TEXT_CACHE_SIZE
     image_cache_mb: int = 512                       # GEM_IMAGE_CACHE_MB: in-process image-feature cache, 0 = off
     batch_size: int = 0                             # GEM_BATCH_SIZE: images per forward in a request; 0 = auto (8 on GPU, 1 on CPU)
-    image_cache_ttl: int = 86400                    # GEM_IMAGE_CACHE_TTL: seconds image features live in Redis
+    image_cache_ttl: int = 86400                    # GEM_IMAGE_CACHE_TTL: seconds image features live in Redis (>= 1)
+    text_cache_ttl: int = 30 * 86400                # GEM_TEXT_CACHE_TTL: seconds text embeddings live in Redis (>= 1)
+    cache_redis_url: str | None = field(default=None, repr=False)  # GEM_CACHE_REDIS_URL: caches elsewhere (default REDIS_URL)
     state_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "gem-backend")  # GEM_STATE_DIR
     # images
     fetch_timeout: float = 30.0                     # GEM_FETCH_TIMEOUT (read), connect is 5 s
@@ -250,7 +260,9 @@ class Settings:
             text_cache_size=get("GEM_TEXT_CACHE_SIZE", int, base.text_cache_size),
             image_cache_mb=get("GEM_IMAGE_CACHE_MB", int, base.image_cache_mb),
             batch_size=get("GEM_BATCH_SIZE", int, base.batch_size),
-            image_cache_ttl=get("GEM_IMAGE_CACHE_TTL", int, base.image_cache_ttl),
+            image_cache_ttl=get("GEM_IMAGE_CACHE_TTL", _positive_int, base.image_cache_ttl),
+            text_cache_ttl=get("GEM_TEXT_CACHE_TTL", _positive_int, base.text_cache_ttl),
+            cache_redis_url=get("GEM_CACHE_REDIS_URL", str, None),
             state_dir=get("GEM_STATE_DIR", str, None) or (os.path.join(env["MODEL_DIR"], "gem-state")
                                                           if env.get("MODEL_DIR") else base.state_dir),
             fetch_timeout=get("GEM_FETCH_TIMEOUT", float, base.fetch_timeout),
@@ -267,6 +279,12 @@ class Settings:
         if self.torch_threads > 0:
             return self.torch_threads
         return max(1, available_cores() // max(1, processes if processes is not None else self.workers))
+
+    @property
+    def caches_redis_url(self) -> str | None:
+        """Where the caches (text embeddings, image features) live: ``GEM_CACHE_REDIS_URL``,
+        else ``REDIS_URL``; durable state always stays on ``REDIS_URL``."""
+        return self.cache_redis_url or self.redis_url
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -328,7 +346,7 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in ("label_studio_api_key", "basic_auth_pass") and value:
                 value = "***"
-            elif f.name == "redis_url" and value:
+            elif f.name in ("redis_url", "cache_redis_url") and value:
                 from .redaction import redact_url
 
                 value = redact_url(value)

@@ -20,7 +20,9 @@ One job = one batch (:func:`run_batch`), with a ``Retry(max=N)`` of RQ:
 - a job run twice stores nothing twice: tasks are checked before predicting and again under a
   per-task Redis lock right before storing (see :mod:`gem_backend.prelabel`).
 
-Redis keys of a run (all expire after 7 days; ``<run>`` is ``<project>-<date>-<time>-<hex>``):
+Redis keys of a run (``<run>`` is ``<project>-<date>-<time>-<hex>``). They are durable state:
+no TTL while the run is live, so a ``volatile-*`` eviction policy never takes them; once every
+task of the run has an outcome they expire after 7 days (retention, not eviction):
 
 - ``gem:prelabel:run:<run>``: hash ``project, model_version, queue, selected, already, tasks,
   jobs, created`` (unix time);
@@ -42,6 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..serving.redis_gate import check_eviction_policy
 from ..options import add_label_studio_flags, add_model_flags, with_label_studio
 from ..labelstudio.api import LabelStudioAPI
 from ..settings import configure_torch_threads
@@ -62,8 +65,11 @@ if was == 'done' then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '\\t' .. ARGV[3])
 if was then redis.call('HINCRBY', KEYS[2], was, -1) end
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+-- durable while live (no TTL: volatile-* eviction never takes it); kept ARGV[4] s once complete
+local total = tonumber(redis.call('HGET', KEYS[3], 'tasks') or '0')
+if redis.call('HLEN', KEYS[1]) >= total then
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+end
 return 1
 """
 
@@ -102,7 +108,7 @@ def _queue(redis_client, name: str):
 def record_outcome(redis_client, run: str, outcome: Outcome) -> None:
     """Record one task's outcome in the run's hashes (atomically, a ``done`` is kept)."""
     keys = RunKeys(run)
-    redis_client.eval(_RECORD, 2, keys.tasks, keys.counts, str(outcome.task), outcome.status,
+    redis_client.eval(_RECORD, 4, keys.tasks, keys.counts, keys.meta, keys.jobs, str(outcome.task), outcome.status,
                       outcome.reason.replace("\t", " "), RUN_TTL_S)
 
 
@@ -124,8 +130,8 @@ def enqueue_run(redis_client, queue_name: str, target: Target, selection: Select
         if batches:
             pipe.hset(keys.jobs, mapping={jid: ",".join(str(t["id"]) for t in batch)
                                           for jid, batch in zip(job_ids, batches)})
-        for key in (keys.meta, keys.jobs):
-            pipe.expire(key, RUN_TTL_S)
+        if not batches:  # nothing will complete it: keep it for the retention period only
+            pipe.expire(keys.meta, RUN_TTL_S)
         pipe.execute()
     queue = _queue(redis_client, queue_name)
     timeout = job_timeout or 600 + 120 * batch_size
@@ -360,6 +366,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = with_label_studio(args)
     try:
         client = connect_redis(settings.redis_url, "gem-backend worker")
+        check_eviction_policy(client, settings.redis_url, log, caches_elsewhere=bool(settings.cache_redis_url))
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key,
                              timeout=(5.0, max(60.0, settings.fetch_timeout)))
         # cores / WORKERS torch threads (WORKERS: worker processes on this machine), or GEM_TORCH_THREADS

@@ -18,6 +18,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .learner import Learner
+from .redis_gate import check_eviction_policy
 from .service import GEMService, ModelUnavailable, RequestError
 from ..settings import Settings, SettingsError, parse_extra_params
 from ..labelstudio.results import dumps
@@ -41,6 +42,9 @@ class ProjectParams:
             import redis
 
             self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+            # once at start-up: the project parameters, queue and prototypes must not be evictable
+            check_eviction_policy(self._redis, settings.redis_url, log,
+                                  caches_elsewhere=bool(settings.cache_redis_url))
         self._dir = Path(settings.state_dir)
         self._memory: dict[str, Any] = {}
 

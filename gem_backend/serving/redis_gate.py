@@ -78,3 +78,42 @@ class RedisGate:
                 return
             self.ok = True
         self.log.info("%s: Redis at %s is reachable again", self.what, self.url)
+
+
+# what lives on REDIS_URL without a TTL: an allkeys-* policy may evict it when memory is full
+DURABLE_KEYS = ("rq:* (the pre-labeling queue and its jobs)", "gem:prelabel:run:* (runs in progress)",
+                "gem:project:*:params (project settings)", "gem:proto:* (label prototypes)")
+_policy_warned: set[str] = set()
+_policy_lock = threading.Lock()
+
+
+def check_eviction_policy(client, url: str, log: logging.Logger, caches_elsewhere: bool = False) -> str | None:
+    """Read the server's ``maxmemory-policy`` and warn once per URL and process when an
+    ``allkeys-*`` policy could evict durable state. Returns the policy, or None where it
+    cannot be read (``CONFIG`` disabled, as on many managed Redis services: logged at debug).
+
+    Args:
+        client: a redis-py client of the durable Redis (``REDIS_URL``).
+        url: its URL, for the message (redacted).
+        caches_elsewhere: the caches have a Redis of their own (``GEM_CACHE_REDIS_URL``): the
+            durable Redis then fills only with durable state, still at risk under allkeys-*.
+    """
+    try:
+        raw = client.config_get("maxmemory-policy")
+    except Exception as err:  # noqa: BLE001 - CONFIG refused or Redis away: nothing to say yet
+        log.debug("cannot read maxmemory-policy of %s: %s: %s", redact_url(url), type(err).__name__, err)
+        return None
+    policy = raw.get("maxmemory-policy") if isinstance(raw, dict) else None
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if isinstance(policy, str) and policy.startswith("allkeys-"):
+        with _policy_lock:
+            if url in _policy_warned:
+                return policy
+            _policy_warned.add(url)
+        where = "" if caches_elsewhere else " (the caches share it)"
+        log.warning("Redis at %s has maxmemory-policy %s%s: when memory is full it may evict durable state "
+                    "that has no TTL: %s. Run Redis with --maxmemory-policy volatile-lru (only keys with a TTL, "
+                    "the caches, are evicted) or noeviction, or put the caches on their own Redis with "
+                    "GEM_CACHE_REDIS_URL.", redact_url(url), policy, where, ", ".join(DURABLE_KEYS))
+    return policy

@@ -247,8 +247,8 @@ class GEMService:
         with self._caches_lock:
             cache = self._caches.get(templates)
             if cache is None:
-                cache = TextEmbeddingCache(self.settings.text_namespace(templates), self.settings.redis_url,
-                                           maxsize=self.settings.text_cache_size)
+                cache = TextEmbeddingCache(self.settings.text_namespace(templates), self.settings.caches_redis_url,
+                                           maxsize=self.settings.text_cache_size, ttl=self.settings.text_cache_ttl)
                 self._caches[templates] = cache
             return cache
 
@@ -308,7 +308,7 @@ class GEMService:
         with self._caches_lock:
             if self._image_cache is None:
                 s = self.settings
-                self._image_cache = EmbeddingCache(s.redis_url, max_bytes=max(0, s.image_cache_mb) << 20,
+                self._image_cache = EmbeddingCache(s.caches_redis_url, max_bytes=max(0, s.image_cache_mb) << 20,
                                                    ttl=s.image_cache_ttl)
             return self._image_cache
 

@@ -18,8 +18,9 @@ key:   ``key_prefix + sha256(namespace)[:16 hex] + ":" + sha256(label)[64 hex]``
 value: 8-byte header ``b"GTE1"`` + ``uint32 little-endian D``, followed by
        ``D`` little-endian float32 values (``8 + 4*D`` bytes in total).
 A value whose header, length or contents do not check out is treated as a miss
-and overwritten with a freshly encoded vector.  Keys carry no TTL: size the
-Redis instance with ``maxmemory`` + ``maxmemory-policy allkeys-lru``.
+and overwritten with a freshly encoded vector.  Keys carry a TTL (``GEM_TEXT_CACHE_TTL``,
+30 days), so under ``maxmemory-policy volatile-lru`` Redis may evict them, and never the
+durable state that shares the server (RELIABILITY.md, Redis keys).
 """
 
 from __future__ import annotations
@@ -88,9 +89,13 @@ class TextEmbeddingCache:
         key_prefix: str = "gem:text:",
         retry_after: float = 30.0,
         redis_timeout: float = 0.5,
+        ttl: int = 30 * 86400,
     ):
         if maxsize < 0:
             raise ValueError("maxsize must be >= 0")
+        if ttl < 1:
+            raise ValueError("ttl must be >= 1 s: a Redis cache entry without one is never evicted")
+        self.ttl = int(ttl)
         self.namespace = namespace
         self.maxsize = int(maxsize)
         self.retry_after = float(retry_after)
@@ -310,7 +315,8 @@ class TextEmbeddingCache:
         try:
             pipe = client.pipeline(transaction=False)
             for label, vec in items.items():
-                pipe.set(self._key(label), _encode_value(vec))
+                # a TTL makes the entry a cache for Redis too: volatile-* eviction may take it
+                pipe.set(self._key(label), _encode_value(vec), ex=self.ttl)
             pipe.execute()
         except self._redis_errors as exc:
             self._mark_down(exc)
