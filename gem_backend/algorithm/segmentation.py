@@ -456,7 +456,8 @@ class GEMPredictor:
     def decision_device(self) -> torch.device:
         """Where the decision runs: the model's GPU (only the label map and the confidence maps
         at the input size come back to the host), else the CPU."""
-        return self.loaded.device if self.loaded.device.type == "cuda" else torch.device("cpu")
+        device = getattr(self.loaded, "device", None)  # stand-ins of a loaded model may have none
+        return device if isinstance(device, torch.device) and device.type == "cuda" else torch.device("cpu")
 
     def _similarities(self, labels: Sequence[str], emb: ImageEmbedding,
                       prototypes: Mapping[str, tuple] | None) -> torch.Tensor:
