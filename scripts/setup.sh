@@ -14,7 +14,7 @@ stamp="$VENV/.installed-$(cat "$REQ" requirements.txt pyproject.toml | sha256sum
 if [ ! -f "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQ" 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import gem_backend.app, open_clip, torch" # fails loudly if the install is broken
+  "$VENV/bin/python" -c "import gem_backend.serving.app, open_clip, torch" # fails loudly if the install is broken
   touch "$stamp"
 fi
 echo "environment ready: $VENV ($("$VENV/bin/python" -c 'import torch, open_clip; print("torch", torch.__version__, "open_clip", open_clip.__version__)'))"
