@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..algorithm.methods import MethodError, check_method_options, method_names
+from ..algorithm.methods import MethodError, method_names
 from ..algorithm.refine import pamr
 from ..algorithm.segmentation import REFINE_KINDS
 from ..algorithm.windows import sliding_windows, stitched_tokens, windows_aligned
@@ -487,11 +487,11 @@ class Segmenter:
 def segmenter_for(cfg, loaded) -> Segmenter:
     """The :class:`Segmenter` of an :class:`EvalConfig`; bad method options raise :class:`EvalError`."""
     try:
-        options = check_method_options(cfg.method, cfg.method_options) if cfg.method != "gem" else cfg.method_options
+        return Segmenter(loaded, cfg.protocol, cfg.method, cfg.batch_size, method_options=cfg.method_options,
+                         refine=cfg.refine, refine_iterations=cfg.refine_iterations,
+                         refine_dilations=cfg.refine_dilations)
     except MethodError as err:
         raise EvalError(str(err)) from None
-    return Segmenter(loaded, cfg.protocol, cfg.method, cfg.batch_size, method_options=options, refine=cfg.refine,
-                     refine_iterations=cfg.refine_iterations, refine_dilations=cfg.refine_dilations)
 
 
 def is_untrained(loaded) -> bool:
@@ -760,8 +760,9 @@ def _results(cfg, spec, loaded, untrained, n_images, n_cached, elapsed, m, per_c
         classes_in_mean=int(np.isfinite(m["iou"]).sum()),
         metric=metric, settings=cfg.protocol.describe(), per_class=per_class,
         predictions=str(cfg.save_predictions) if cfg.save_predictions else None,
-        variant=variant_name(cfg.method, cfg.refine), **{**dict(refine=dict(kind="none")), **_variant(cfg)},
+        variant=variant_name(cfg.method, cfg.refine), refine=dict(kind="none"),
     )
+    out.update(_variant(cfg))  # the method options and refinement settings, where not the defaults
     if untrained:
         out["warning"] = "random (untrained) weights: these numbers mean nothing"
     return out

@@ -312,6 +312,15 @@ class GEMService:
                                                    ttl=s.image_cache_ttl)
             return self._image_cache
 
+    def cached_embedding(self, key: str, segmentation: SegmentationSettings) -> ImageEmbedding | None:
+        """The image cache's entry for ``key`` if these settings can use it (counted in the
+        metrics), else None."""
+        cached, where = self.image_cache.get(key)
+        if cached is not None and cached.guide is None and segmentation.refine != "none":
+            cached, where = None, None  # cached before images were kept: refinement needs it
+        self.metrics.image_cache.labels(result={"local": "local_hits", "redis": "redis_hits"}.get(where, "misses")).inc()
+        return cached
+
     def image_embedding(self, predictor: GEMPredictor, url: str, task_id: Any,
                         segmentation: SegmentationSettings) -> ImageEmbedding:
         """The GEM features of a task image: fetched bytes -> sha256 -> cache; only on a miss
@@ -320,10 +329,7 @@ class GEMService:
         data, content_type, source = self.fetcher.fetch_raw(url, task_id)
         loaded = self.load()
         key = embedding_key(data, image_namespace(self.settings, segmentation, str(loaded.dtype)))
-        embedding, where = self.image_cache.get(key)
-        if embedding is not None and embedding.guide is None and segmentation.refine != "none":
-            embedding, where = None, None  # cached before images were kept: refinement needs it
-        self.metrics.image_cache.labels(result={"local": "local_hits", "redis": "redis_hits"}.get(where, "misses")).inc()
+        embedding = self.cached_embedding(key, segmentation)
         if embedding is not None:
             self.metrics.fetch_seconds.observe(time.perf_counter() - started)
             return embedding
@@ -433,10 +439,7 @@ class GEMService:
         started = time.perf_counter()
         data, content_type, source = self.fetcher.fetch_raw(url, task_id)
         key = embedding_key(data, namespace)
-        cached, where = self.image_cache.get(key)
-        self.metrics.image_cache.labels(result={"local": "local_hits", "redis": "redis_hits"}.get(where, "misses")).inc()
-        if cached is not None and cached.guide is None and segmentation.refine != "none":
-            cached = None  # cached before images were kept: refinement needs it
+        cached = self.cached_embedding(key, segmentation)
         if cached is not None:
             self.metrics.fetch_seconds.observe(time.perf_counter() - started)
             return ("ready", cached)
