@@ -241,6 +241,116 @@ def test_offline_without_cached_weights(tmp_path, monkeypatch):
     assert "Hugging Face cache" in message and "HF_HOME" in message
 
 
+def _closed_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: a connection is refused
+    return port
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The hub's endpoint is a closed loopback port; offline mode is off, no proxy."""
+    import huggingface_hub.constants as hf_constants
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setattr(hf_constants, "ENDPOINT", endpoint)
+    return endpoint
+
+
+def test_unreachable_hub_without_cached_weights_fails_fast(unreachable_hub, tmp_path):
+    # the Hugging Face client alone retries for about 50 s before it gives up (measured here)
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(ModelLoadError) as info:
+        load_gem_model("ViT-B-32", "laion2b_s34b_b79k", device="cpu", cache_dir=str(tmp_path))
+    assert time.monotonic() - start < 8
+    message = str(info.value)
+    assert "could not be reached" in message and unreachable_hub in message
+    assert "GEM_PRETRAINED" in message and "HF_HOME" in message
+
+
+def _hf_cache_with(cache, repo: str, filename: str, source: str) -> None:
+    """The Hugging Face cache layout holding ``source`` as ``repo``'s ``filename``."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    shutil.copy(source, folder / "snapshots" / ("0" * 40) / filename)
+
+
+@pytest.mark.parametrize("filename", ["open_clip_model.safetensors", "weights.safetensors"])
+def test_cached_tag_weights_load_without_the_hub(golden_paths, inputs, reference, unreachable_hub, tmp_path,
+                                                 monkeypatch, filename):
+    config, weights = golden_paths
+    name = models._register_config(config)  # the open_clip name the config is known by
+    hub = "test-org/golden-clip/" + ("" if filename.startswith("open_clip") else filename.replace(
+        ".safetensors", ".bin"))
+    tag = {"hf_hub": hub, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, name, {"golden": tag})
+    cache = tmp_path / "hub"
+    _hf_cache_with(cache, "test-org/golden-clip", filename, weights)
+    assert models.cached_weights_file(tag, str(cache)).endswith(filename)
+
+    import time
+
+    start = time.monotonic()
+    loaded = load_gem_model(config, "golden", device="cpu", precision="fp32", cache_dir=str(cache))
+    assert time.monotonic() - start < 8  # no retries against the unreachable hub
+    _assert_same(_outputs(loaded, inputs), reference)
+    assert loaded.mean == (0.5, 0.5, 0.5) and loaded.std == (0.25, 0.25, 0.25)  # the tag's preprocessing
+    assert loaded.weights_id == "golden"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert models.cached_weights_file(tag, str(empty)) is None
+    with pytest.raises(ModelLoadError, match="could not be reached"):
+        load_gem_model(config, "golden", device="cpu", cache_dir=str(empty))
+
+
+def test_hub_reachable_follows_the_endpoint_and_the_proxy(unreachable_hub, monkeypatch):
+    import socket
+
+    assert not models.hub_reachable(unreachable_hub)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        listening = f"http://127.0.0.1:{server.getsockname()[1]}"
+        assert models.hub_reachable(listening)
+        # through a proxy: the proxy is what must answer
+        monkeypatch.setenv("HTTPS_PROXY", listening)
+        monkeypatch.setenv("NO_PROXY", "")
+        assert models.hub_reachable("https://hub.invalid")
+        monkeypatch.setenv("NO_PROXY", "hub.invalid")
+        assert not models.hub_reachable("https://hub.invalid", timeout=1)
+
+
+def test_cli_predict_says_so_fast_when_the_hub_is_unreachable(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GEM_")) and "PROXY" not in k.upper()}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
+    image = shared_path("data", "voc-mini", "VOC2012", "JPEGImages", "dlv3_0.jpg")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "gem_backend.cli", "predict", str(image), "--labels", "person",
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "could not be reached" in proc.stderr and "GEM_PRETRAINED" in proc.stderr
+    assert took < 20, f"took {took:.1f} s"  # interpreter and torch start-up included
+
+
 def test_resnet_tower_is_not_supported(tmp_path):
     """A ResNet CLIP (like RN50, at a size that builds in a blink) is refused with the reason."""
     path = tmp_path / "RN-tiny.json"

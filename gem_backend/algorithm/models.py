@@ -10,6 +10,12 @@ open_clip model config JSON (``{"embed_dim", "vision_cfg", "text_cfg"}``, or an
 pretrained tag (downloaded once into the Hugging Face cache), a local file
 (``.safetensors``, ``.bin``, ``.pt``/``.pth``, OpenAI's TorchScript archives), or
 ``None``/``""``/``"none"`` for random initialisation (tests, timing).
+
+A tag's weights already in the Hugging Face cache are loaded from it without asking the hub
+(a start-up needs no network once they are there). Weights not cached are downloaded, unless
+the hub cannot be reached: then the error comes at once (``HF_HUB_OFFLINE``, or no connection
+to ``HF_ENDPOINT`` or its proxy within :data:`HUB_PROBE_TIMEOUT_S`), not after the Hugging
+Face client's own minute of retries.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import threading
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +44,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-B-16-quickgelu"
 DEFAULT_PRETRAINED = "metaclip_400m"
+
+HUB_PROBE_TIMEOUT_S = 3.0
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -203,6 +214,76 @@ def _download_hint(model_name: str, tag: str, err: Exception) -> ModelLoadError:
         f"tags known for this model: {_known_tags(model_name)}")
 
 
+def cached_weights_file(pretrained_cfg: dict, cache_dir: str | None = None) -> str | None:
+    """The local file of a pretrained tag's hub weights if the Hugging Face cache holds it.
+
+    ``pretrained_cfg``: ``open_clip.get_pretrained_cfg(name, tag)``. Looks for the files
+    open_clip would download, in its order (the ``.safetensors`` form first). None: not cached,
+    or the tag has no hub entry (a URL download, which open_clip caches itself).
+    """
+    hub = (pretrained_cfg or {}).get("hf_hub", "")
+    if not hub:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    repo, filename = os.path.split(hub)
+    filename = filename or HF_WEIGHTS_NAME
+    names = [HF_SAFE_WEIGHTS_NAME] if filename == HF_WEIGHTS_NAME else (
+        [filename[:-4] + ".safetensors"] if filename.endswith((".bin", ".pth")) else [])
+    for candidate in names + [filename]:
+        found = try_to_load_from_cache(repo, candidate, cache_dir=cache_dir)
+        if isinstance(found, str) and os.path.isfile(found):  # else None or the "known missing" marker
+            return found
+    return None
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint (``HF_ENDPOINT``), or to the proxy
+    the environment routes it through, opens within ``timeout`` seconds, name lookup included."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    if endpoint is None:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    url = urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxies = getproxies()
+    proxy = proxies.get(url.scheme) or proxies.get("all")
+    if proxy and host and not proxy_bypass(host):
+        purl = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = purl.hostname, purl.port or (1080 if purl.scheme.startswith("socks") else 80)
+    if not host:
+        return False
+    opened: list[bool] = []
+
+    def attempt() -> None:  # in a thread: a name lookup has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            opened.append(False)
+
+    probe = threading.Thread(target=attempt, name="hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(opened and opened[0])
+
+
+def _hub_offline() -> str | None:
+    """Why the hub cannot be used now, or None."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if not hub_reachable():
+        return (f"the Hugging Face hub {constants.ENDPOINT} (HF_ENDPOINT) could not be reached "
+                f"within {HUB_PROBE_TIMEOUT_S:g} s")
+    return None
+
+
 def _known_tags(model_name: str) -> str:
     import open_clip
 
@@ -256,8 +337,23 @@ def load_gem_model(model_name: str = DEFAULT_MODEL, pretrained: str | None = DEF
         raise ModelLoadError(f"{tag!r} is neither a file nor a pretrained tag of {model_name!r}; "
                              f"tags known for it: {_known_tags(name)}")
 
+    source = tag
+    if tag and not os.path.isfile(tag):
+        tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+        local = cached_weights_file(tag_cfg, cache_dir)
+        if local:  # the cached file, with the tag's preprocessing: what open_clip would load
+            source, preprocess = local, {**tag_cfg, **(preprocess or {})}
+            if bool(tag_cfg.get("quick_gelu", False)) != bool((open_clip.get_model_config(name) or {}).get(
+                    "quick_gelu", False)):
+                warnings.warn(f"QuickGELU mismatch between {model_name!r} and the weights {tag!r}: "
+                              "use the model name the tag was trained with", UserWarning, stacklevel=2)
+        elif tag_cfg.get("hf_hub"):
+            why = _hub_offline()
+            if why:
+                raise _download_hint(model_name, tag, ConnectionError(f"not in the cache and {why}"))
+
     try:
-        model = open_clip.create_model(name, pretrained=tag, device="cpu", cache_dir=cache_dir,
+        model = open_clip.create_model(name, pretrained=source, device="cpu", cache_dir=cache_dir,
                                        force_preprocess_cfg=preprocess)
     except Exception as err:  # hub/network errors come in many types
         if tag and not os.path.isfile(tag):
