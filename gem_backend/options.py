@@ -11,12 +11,12 @@ import os
 from .settings import Settings, SettingsError
 
 __all__ = ["settings_from_args", "add_weights_flags", "add_model_flags", "add_label_studio_flags",
-           "with_label_studio"]
+           "with_label_studio", "label_studio_settings"]
 
 
-def settings_from_args(args):
+def settings_from_args(args, *, exit_on_error: bool = True):
     """Settings from the environment with the command's flags on top; exits with the message
-    on a bad value."""
+    on a bad value (raises :class:`SettingsError` if not ``exit_on_error``)."""
     env = dict(os.environ)
     for flag, name in (("model", "GEM_MODEL"), ("pretrained", "GEM_PRETRAINED"), ("device", "GEM_DEVICE"),
                        ("precision", "GEM_PRECISION"), ("threshold", "GEM_THRESHOLD"),
@@ -32,7 +32,9 @@ def settings_from_args(args):
     try:
         return Settings.from_env(env)
     except SettingsError as err:
-        raise SystemExit(f"gem-backend: {err}")
+        if not exit_on_error:
+            raise
+        raise SystemExit(f"gem-backend: {err}") from None
 
 
 def add_weights_flags(g) -> None:
@@ -64,6 +66,14 @@ def add_label_studio_flags(p: argparse.ArgumentParser) -> None:
 
 def with_label_studio(args) -> Settings:
     """:func:`settings_from_args` with ``--ls-url``/``--api-key`` applied."""
-    settings = settings_from_args(args)
+    try:
+        return label_studio_settings(args)
+    except SettingsError as err:
+        raise SystemExit(f"gem-backend: {err}") from None
+
+
+def label_studio_settings(args) -> Settings:
+    """:func:`with_label_studio` that raises :class:`SettingsError` on a bad value."""
+    settings = settings_from_args(args, exit_on_error=False)
     return settings.replace(label_studio_url=args.ls_url or settings.label_studio_url,
                             label_studio_api_key=args.api_key or settings.label_studio_api_key)

@@ -35,7 +35,7 @@ RANKS = {
 # Parts of equal rank that are still independent of each other.
 SEPARATE = {("gem_backend.jobs", "gem_backend.evaluation"), ("gem_backend.evaluation", "gem_backend.jobs")}
 # Private attributes of objects that belong to other libraries (not our modules).
-FOREIGN_PRIVATE = {"_C", "_asdict", "_replace", "_fields", "_make", "_value_", "_name_", "_thread"}
+FOREIGN_PRIVATE = {"_C", "_asdict", "_replace", "_fields", "_make", "_value_", "_name_", "_thread", "_exit"}
 
 
 def module_name(path: Path) -> str:

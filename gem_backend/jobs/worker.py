@@ -37,17 +37,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
+import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from ..serving.redis_gate import check_eviction_policy
 from ..options import add_label_studio_flags, add_model_flags, with_label_studio
-from ..labelstudio.api import LabelStudioAPI
-from ..settings import configure_torch_threads
+from ..labelstudio.api import LabelStudioAPI, LabelStudioError
+from ..settings import SettingsError, configure_torch_threads
 from .prelabel import (EXIT_ERROR, Outcome, PrelabelError, Selection, StopFlag, Summary, Target,
                        TaskLocks, connect_redis, show_counts, predict_and_store, progress_bar)
 
@@ -55,6 +58,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE = "gem-prelabel"
 RUN_TTL_S = 7 * 24 * 3600
+EXIT_CONFIG = 78  # sysexits' EX_CONFIG: a restart with the same settings fails the same way
+STOP_PROBE_S = 1.0
 _TERMINAL = {"finished", "failed", "stopped", "canceled"}
 
 _RECORD = """
@@ -286,6 +291,9 @@ def run_batch(run: str, target: Mapping, tasks: list[dict]) -> dict:
 
 # ----------------------------------------------------------------------------------- the worker
 def _worker_class():
+    import redis
+    from rq.exceptions import StopRequested
+    from rq.utils import utcformat
     from rq.worker import SimpleWorker, WorkerStatus
 
     class PrelabelWorker(SimpleWorker):
@@ -298,6 +306,15 @@ def _worker_class():
         the ``StartedJobRegistry`` lives ``abandon_after`` seconds and is refreshed every
         ``heartbeat_interval`` seconds; an idle worker wakes up every ``maintenance_interval``
         seconds to clean the registries (RQ's default waits for jobs up to 6.5 minutes).
+
+        Stopping (SIGTERM/SIGINT) never waits on Redis: RQ's handler writes to Redis, and a stop
+        that arrives while Redis is down or hung is swallowed by a reconnect (redis-py turns it
+        into a ``ConnectionError``, RQ retries) or waits out the socket timeouts. Here the handler
+        only sets flags, and a watch thread pings Redis with 1 s timeouts: while Redis answers,
+        the stop is RQ's warm one (the current job finishes); once it stops answering the worker
+        exits at once. An idle worker then has nothing to lose (its registration expires by
+        itself); a busy one leaves its job in the ``StartedJobRegistry``, where it is re-queued
+        ``abandon_after`` seconds later like a dead worker's job (one retry used).
         """
 
         def __init__(self, *args, heartbeat_interval: float = 10.0, abandon_after: int = 60, **kwargs):
@@ -307,14 +324,82 @@ def _worker_class():
             self.heartbeat_interval = heartbeat_interval
             self.abandon_after = int(abandon_after)
 
+        stopping = False
+        running_job: str | None = None
+
         def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
             return self.abandon_after
+
+        def request_stop(self, signum, frame):
+            if not self.stopping:
+                self.stopping = True
+                self.stop_signal = signum
+                self.stop_requested_at = datetime.now(timezone.utc)
+                threading.Thread(target=self.watch_stop, name="rq-stop-watch", daemon=True).start()
+            super().request_stop(signum, frame)  # idle: raises StopRequested; busy: stop after the job
+
+        def set_shutdown_requested_date(self):
+            pass  # RQ calls it in the signal handler: the watch thread writes it instead, if it can
+
+        def heartbeat(self, timeout=None, pipeline=None):
+            # a stop swallowed by a reconnect surfaces here, before the next Redis call
+            if self.stopping and pipeline is None and self.get_state() != WorkerStatus.BUSY:
+                raise StopRequested()
+            super().heartbeat(timeout, pipeline)
+
+        def teardown(self):
+            try:
+                super().teardown()
+            except redis.RedisError as err:  # unregistering is tidiness: the entry expires anyway
+                self.log.warning("worker %s: could not unregister (%s: %s); its entry expires by itself",
+                                 self.name, type(err).__name__, err)
+
+        def stop_probe(self):
+            """A client of the worker's Redis that answers or fails within a second."""
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            pool = self.connection.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": STOP_PROBE_S,
+                      "socket_connect_timeout": STOP_PROBE_S, "retry": Retry(NoBackoff(), 0)}
+            return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+
+        def watch_stop(self) -> None:
+            """After a stop request: exit at once when Redis stops answering (see the class doc)."""
+            probe = self.stop_probe()
+            stamped = False
+            failures = 0
+            while True:
+                try:
+                    probe.ping()
+                    failures = 0
+                    if not stamped:
+                        stamped = True
+                        probe.hset(self.key, "shutdown_requested_date", utcformat(self.stop_requested_at))
+                except redis.RedisError:
+                    failures += 1
+                if failures >= 2:
+                    break
+                time.sleep(STOP_PROBE_S)
+            job = self.running_job
+            if job is None:
+                self.log.warning("worker %s: Redis does not answer; stopping now (no job was running)", self.name)
+                code = 0
+            else:
+                self.log.warning("worker %s: Redis does not answer; stopping now. Job %s stays in the started "
+                                 "registry: %d s after its last heartbeat a worker puts it back on the queue",
+                                 self.name, job, self.abandon_after)
+                code = 128 + int(self.stop_signal)
+            for handler in logging.getLogger().handlers + self.log.handlers:
+                handler.flush()
+            os._exit(code)  # the main thread may be stuck in a Redis call; nothing here is lost
 
         @property
         def dequeue_timeout(self) -> int:
             return max(1, int(self.maintenance_interval))
 
         def execute_job(self, job, queue):
+            self.running_job = job.id
             execution = self.prepare_execution(job)
             done = threading.Event()
             beat = threading.Thread(target=self._beat, args=(job, execution, done), name="rq-heartbeat", daemon=True)
@@ -324,6 +409,7 @@ def _worker_class():
             finally:
                 done.set()
                 beat.join(timeout=10)
+                self.running_job = None
             self.set_state(WorkerStatus.IDLE)
 
         def _beat(self, job, execution, done: threading.Event) -> None:
@@ -356,38 +442,77 @@ def add_worker_parser(sub) -> None:
     p.add_argument("--maintenance-interval", type=int, default=30,
                    help="seconds between this worker's cleanups of the queue registries, which re-queue "
                         "abandoned jobs (default 30)")
+    p.add_argument("--wait-on-config-error", action="store_true",
+                   help="when the settings keep it from working (no Label Studio URL or API key, no REDIS_URL, "
+                        "bad GEM_* value, model that cannot load), report it once and wait until stopped "
+                        "instead of exiting with 78: for restart policies (docker-compose.yml uses it)")
     add_model_flags(p)
     p.set_defaults(func=cmd_worker)
 
 
+def wait_for_stop() -> None:
+    """Block until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+
+
+def cannot_work(problem: str, wait: bool) -> int:
+    """Report once why this worker takes no jobs; with ``wait``, stay up until stopped, so a
+    restart policy does not start it again and again with the same problem. Returns 78."""
+    log.error("gem-backend worker takes no jobs: %s", problem)
+    if wait:
+        log.error("waiting until stopped (--wait-on-config-error): fix the setting and restart the worker")
+        wait_for_stop()
+    return EXIT_CONFIG
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
+    from ..options import label_studio_settings
     from ..serving.service import GEMService, ModelUnavailable
 
-    settings = with_label_studio(args)
-    try:
-        client = connect_redis(settings.redis_url, "gem-backend worker")
-        check_eviction_policy(client, settings.redis_url, log, caches_elsewhere=bool(settings.cache_redis_url))
+    wait = args.wait_on_config_error
+    try:  # what no restart fixes: settings, Label Studio URL or key, REDIS_URL
+        settings = label_studio_settings(args)
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key,
                              timeout=(5.0, max(60.0, settings.fetch_timeout)))
-        # cores / WORKERS torch threads (WORKERS: worker processes on this machine), or GEM_TORCH_THREADS
-        configure_torch_threads(settings, what="prelabel worker", logger=log)
-        service = GEMService(settings)
+        if not settings.redis_url:
+            raise PrelabelError("it needs Redis: set REDIS_URL (e.g. redis://localhost:6379/0)")
+    except (SettingsError, LabelStudioError, PrelabelError) as err:
+        return cannot_work(str(err), wait)
+    try:  # Redis may come up later: a restart can fix this one
+        client = connect_redis(settings.redis_url, "gem-backend worker")
+    except PrelabelError as err:
+        print(f"gem-backend worker: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    check_eviction_policy(client, settings.redis_url, log, caches_elsewhere=bool(settings.cache_redis_url))
+    # cores / WORKERS torch threads (WORKERS: worker processes on this machine), or GEM_TORCH_THREADS
+    configure_torch_threads(settings, what="prelabel worker", logger=log)
+    service = GEMService(settings)
+    try:
         service.load()  # fail now, not in every job; jobs then only predict
         worker_class = _worker_class()
         queues = [_queue(client, name) for name in (args.queue or [DEFAULT_QUEUE])]
         worker = worker_class(queues, connection=client, serializer=_serializer(), name=args.name,
                               maintenance_interval=args.maintenance_interval,
                               heartbeat_interval=args.heartbeat_interval, abandon_after=args.abandon_after)
-    except (PrelabelError, ModelUnavailable, ValueError) as err:
-        print(f"gem-backend worker: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    except (ModelUnavailable, ValueError) as err:
+        return cannot_work(str(err), wait)
     with _state_lock:
         _state.update(service=service, api=api)
     log.info("worker %s on queues %s, model_version %s (without extra_params)", worker.name,
              ", ".join(q.name for q in queues), settings.model_version())
-    worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level)
+    import redis
+
+    try:
+        worker.work(burst=args.burst, max_jobs=args.max_jobs, logging_level=settings.log_level)
+    except redis.RedisError as err:  # lost while starting (the loop itself waits for Redis to return)
+        log.error("gem-backend worker: Redis failed: %s: %s", type(err).__name__, err)
+        return EXIT_ERROR
     return 0
 
 
 __all__ = ["DEFAULT_QUEUE", "Run", "RunKeys", "enqueue_run", "follow_run", "record_outcome", "run_batch",
-           "add_worker_parser", "cmd_worker"]
+           "add_worker_parser", "cmd_worker", "cannot_work", "wait_for_stop", "EXIT_CONFIG"]
