@@ -396,6 +396,13 @@ def test_broken_tasks_are_reported_failed_and_the_others_done(label_studio, monk
     ls = label_studio
     pid, _ = ls.project(3, broken=1)
     ls.req("POST", f"/api/projects/{pid}/import", json=[{"data": {"image": f"/data/upload/{pid}/gone.png"}}])
+    # mixed data fields (Label Studio's import checks the key, an edit of the task does not): no image
+    # key, an empty and a non-string image value
+    before = set(ls.task_ids(pid))
+    ls.req("POST", f"/api/projects/{pid}/import", json=[{"data": {"image": f"/data/upload/{pid}/x{i}.png"}}
+                                                        for i in range(3)])
+    for task, data in zip(sorted(set(ls.task_ids(pid)) - before), ({"img": "/x.png"}, {"image": ""}, {"image": 7})):
+        ls.req("PATCH", f"/api/tasks/{task}", json={"data": data})
     tasks = ls.task_ids(pid)
     s = tmp_path / "s.json"
     rc = _main_in_process(monkeypatch, ls.url, "prelabel", "--project", str(pid), "--no-progress",
@@ -404,10 +411,11 @@ def test_broken_tasks_are_reported_failed_and_the_others_done(label_studio, monk
     summary = _summary(s)
     assert rc == 1 and summary["done"] == 3, (rc, summary)
     reasons = {f["task"]: f["reason"] for f in summary["failed"]}
-    assert len(reasons) == 2, reasons
+    assert len(reasons) == 5, reasons
     assert any("not an image" in r and "plain text" in r for r in reasons.values()), reasons
     assert any(r.startswith("HTTP ") and "gone.png" in r for r in reasons.values()), reasons  # LS answers 500
-    assert "2 failed" in out and "failed:" in out and "not an image" in out, out
+    assert sum("data.image" in r for r in reasons.values()) == 3, reasons  # the key each task lacks or misuses
+    assert "5 failed" in out and "failed:" in out and "not an image" in out, out
     versions = ls.versions(pid)
     assert all(versions[t] == [] for t in reasons)  # a failed task gets no (empty) prediction
     assert sum(1 for t in tasks if versions[t]) == 3
