@@ -333,22 +333,43 @@ def test_hub_reachable_follows_the_endpoint_and_the_proxy(unreachable_hub, monke
         assert not models.hub_reachable("https://hub.invalid", timeout=1)
 
 
-def test_cli_predict_says_so_fast_when_the_hub_is_unreachable(tmp_path):
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_cli_says_so_fast_when_the_hub_is_unreachable(tmp_path, command):
     import os
     import subprocess
     import sys
     import time
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "GEM_")) and "PROXY" not in k.upper()}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}")
-    image = shared_path("data", "voc-mini", "VOC2012", "JPEGImages", "dlv3_0.jpg")
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+               MODEL_DIR=str(tmp_path / "models"))
+    voc = shared_path("data", "voc-mini")
+    args = {"predict": ["predict", str(voc / "VOC2012" / "JPEGImages" / "dlv3_0.jpg"), "--labels", "person",
+                        "--out", str(tmp_path / "out")],
+            "eval": ["eval", "--dataset", "voc21", "--root", str(voc), "--limit", "1", "--no-progress"]}[command]
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "gem_backend.cli", "predict", str(image), "--labels", "person",
-                           "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "gem_backend.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
     took = time.monotonic() - start
     assert proc.returncode != 0
-    assert "could not be reached" in proc.stderr and "GEM_PRETRAINED" in proc.stderr
+    assert "could not be reached" in proc.stderr and "GEM_PRETRAINED" in proc.stderr, proc.stderr[-2000:]
     assert took < 20, f"took {took:.1f} s"  # interpreter and torch start-up included
+
+
+def test_serving_reports_the_unreachable_hub_fast(unreachable_hub, tmp_path):
+    # what `serve` (each gunicorn worker) and the workers do: GEMService.load, /health reports it
+    import time
+
+    from gem_backend.serving.service import GEMService, ModelUnavailable
+    from gem_backend.settings import Settings
+
+    service = GEMService(Settings.from_env({"GEM_MODEL": "ViT-B-32", "GEM_PRETRAINED": "laion2b_s34b_b79k",
+                                            "GEM_DEVICE": "cpu", "MODEL_DIR": str(tmp_path)}))
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailable, match="could not be reached"):
+        service.load()
+    assert time.monotonic() - start < 8
+    assert "could not be reached" in service.load_error
 
 
 def test_resnet_tower_is_not_supported(tmp_path):
