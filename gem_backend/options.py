@@ -11,7 +11,7 @@ import os
 from .settings import Settings, SettingsError
 
 __all__ = ["settings_from_args", "add_weights_flags", "add_model_flags", "add_label_studio_flags",
-           "with_label_studio", "label_studio_settings"]
+           "with_label_studio"]
 
 
 def settings_from_args(args, *, exit_on_error: bool = True):
@@ -64,16 +64,8 @@ def add_label_studio_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="Label Studio legacy token or personal access token (default LABEL_STUDIO_API_KEY)")
 
 
-def with_label_studio(args) -> Settings:
+def with_label_studio(args, *, exit_on_error: bool = True) -> Settings:
     """:func:`settings_from_args` with ``--ls-url``/``--api-key`` applied."""
-    try:
-        return label_studio_settings(args)
-    except SettingsError as err:
-        raise SystemExit(f"gem-backend: {err}") from None
-
-
-def label_studio_settings(args) -> Settings:
-    """:func:`with_label_studio` that raises :class:`SettingsError` on a bad value."""
-    settings = settings_from_args(args, exit_on_error=False)
+    settings = settings_from_args(args, exit_on_error=exit_on_error)
     return settings.replace(label_studio_url=args.ls_url or settings.label_studio_url,
                             label_studio_api_key=args.api_key or settings.label_studio_api_key)

@@ -13,6 +13,7 @@ Label Studio needed); Redis is a ``redis-server`` of each test's own with ``appe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -88,11 +89,19 @@ def _worker_env(**extra) -> dict:
     return env
 
 
-def _start_worker(log: Path, env: dict, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gem_backend.cli", "worker", "--heartbeat-interval", "1",
+@contextlib.contextmanager
+def _worker(log: Path, env: dict, *args: str):
+    """A ``gem-backend worker`` subprocess logging to ``log``; killed on the way out if still running."""
+    proc = subprocess.Popen([sys.executable, "-m", "gem_backend.cli", "worker", "--heartbeat-interval", "1",
                              "--abandon-after", "3", "--maintenance-interval", "1", *args],
                             env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def _wait_for(what: str, check, log: Path, timeout: float = 90) -> None:
@@ -124,8 +133,7 @@ def _stop_and_time(proc: subprocess.Popen, log: Path, limit: float = 10) -> tupl
 @pytest.mark.parametrize("outage", ["stopped", "hung"])
 def test_idle_worker_stops_promptly_while_redis_is_out(aof_redis, tmp_path, outage):
     log = tmp_path / "worker.log"
-    proc = _start_worker(log, _worker_env(REDIS_URL=aof_redis.url), "--name", "idle")
-    try:
+    with _worker(log, _worker_env(REDIS_URL=aof_redis.url), "--name", "idle") as proc:
         _wait_for("the worker waits for jobs", lambda: _idle(aof_redis.url, "idle"), log)
         if outage == "stopped":
             aof_redis.kill()  # connections are refused
@@ -133,9 +141,6 @@ def test_idle_worker_stops_promptly_while_redis_is_out(aof_redis, tmp_path, outa
             os.kill(aof_redis.proc.pid, signal.SIGSTOP)  # connections open, nothing answers
         time.sleep(2.5)  # the worker is in its reconnect loop / blocked on a read
         code, took = _stop_and_time(proc, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     text = log.read_text()
     assert took < 10, f"stopped {took:.1f} s after SIGTERM\n" + text[-3000:]
     assert code == 0, f"exit status {code}\n" + text[-3000:]
@@ -157,15 +162,11 @@ def test_busy_worker_stops_promptly_when_redis_dies_and_the_job_is_run_later(aof
     job = Queue(DEFAULT_QUEUE, connection=client, serializer=serializer()).enqueue(
         "worker_jobs.first_run_blocks", str(folder), retry=Retry(max=2), job_timeout=600)
     log1 = tmp_path / "w1.log"
-    w1 = _start_worker(log1, _worker_env(REDIS_URL=aof_redis.url), "--name", "w1")
-    try:
+    with _worker(log1, _worker_env(REDIS_URL=aof_redis.url), "--name", "w1") as w1:
         _wait_for("w1 starts the job", (folder / "started").exists, log1)
         time.sleep(1.5)  # a heartbeat or two of the running job reach Redis
         aof_redis.kill()
         code, took = _stop_and_time(w1, log1)
-    finally:
-        if w1.poll() is None:
-            w1.kill()
     text = log1.read_text()
     assert took < 10, f"w1 stopped {took:.1f} s after SIGTERM\n" + text[-3000:]
     assert code == 128 + signal.SIGTERM, text[-3000:]
@@ -177,12 +178,8 @@ def test_busy_worker_stops_promptly_when_redis_dies_and_the_job_is_run_later(aof
     assert job.id in StartedJobRegistry(queue=queue).get_job_ids(cleanup=False)  # kept, not lost
     time.sleep(3.5)  # past abandon_after since w1's last heartbeat
     log2 = tmp_path / "w2.log"
-    w2 = _start_worker(log2, _worker_env(REDIS_URL=aof_redis.url), "--name", "w2", "--burst")
-    try:
+    with _worker(log2, _worker_env(REDIS_URL=aof_redis.url), "--name", "w2", "--burst") as w2:
         assert w2.wait(120) == 0, log2.read_text()[-3000:]
-    finally:
-        if w2.poll() is None:
-            w2.kill()
     assert (folder / "finished").exists(), log2.read_text()[-3000:]
     again = Job.fetch(job.id, connection=client, serializer=serializer())
     assert again.get_status().value == "finished" and again.retries_left == 1, (again.get_status(),
@@ -202,15 +199,11 @@ def test_a_config_problem_is_reported_once_and_waits_instead_of_looping(tmp_path
     change, message = CONFIG_PROBLEMS[problem]
     env = _worker_env(**{"REDIS_URL": f"redis://127.0.0.1:{_free_port()}/0", **change})  # never reached
     log = tmp_path / "worker.log"
-    proc = _start_worker(log, env, "--wait-on-config-error")
-    try:
+    with _worker(log, env, "--wait-on-config-error") as proc:
         _wait_for("the problem is reported", lambda: message in log.read_text(), log, timeout=60)
         time.sleep(3)
         assert proc.poll() is None, "exited instead of waiting:\n" + log.read_text()
         code, took = _stop_and_time(proc, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     text = log.read_text()
     assert code == 78 and took < 5, (code, took, text)
     assert text.count(message) == 1, text

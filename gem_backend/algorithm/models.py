@@ -330,16 +330,15 @@ def load_gem_model(model_name: str = DEFAULT_MODEL, pretrained: str | None = DEF
 
     jit_file = None
     tag = None if _is_none(pretrained) else str(pretrained)
+    source = tag  # what open_clip is given: a tag, a file, or None
     if tag and os.path.isfile(tag):
         if _is_torchscript(tag):
-            jit_file, tag = tag, None
-    elif tag and not open_clip.get_pretrained_cfg(name, tag):
-        raise ModelLoadError(f"{tag!r} is neither a file nor a pretrained tag of {model_name!r}; "
-                             f"tags known for it: {_known_tags(name)}")
-
-    source = tag
-    if tag and not os.path.isfile(tag):
+            jit_file, tag, source = tag, None, None
+    elif tag:
         tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+        if not tag_cfg:
+            raise ModelLoadError(f"{tag!r} is neither a file nor a pretrained tag of {model_name!r}; "
+                                 f"tags known for it: {_known_tags(name)}")
         local = cached_weights_file(tag_cfg, cache_dir)
         if local:  # the cached file, with the tag's preprocessing: what open_clip would load
             source, preprocess = local, {**tag_cfg, **(preprocess or {})}

@@ -470,12 +470,11 @@ def cannot_work(problem: str, wait: bool) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from ..options import label_studio_settings
     from ..serving.service import GEMService, ModelUnavailable
 
     wait = args.wait_on_config_error
     try:  # what no restart fixes: settings, Label Studio URL or key, REDIS_URL
-        settings = label_studio_settings(args)
+        settings = with_label_studio(args, exit_on_error=False)
         api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key,
                              timeout=(5.0, max(60.0, settings.fetch_timeout)))
         if not settings.redis_url:
