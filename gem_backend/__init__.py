@@ -3,9 +3,9 @@
 The data path, by folder:
 
     request -> labeling spec (labelstudio.spec) -> image (labelstudio.images)
-    -> method: GEM or a peer (algorithm.gem, algorithm.methods) -> maps and masks (algorithm.segmentation)
+    -> method: GEM or a peer (algorithm.methods: gem, lastblock, ...) -> maps and masks (algorithm.segmentation)
     -> refinement (algorithm.refine)
-    -> regions (algorithm.regions) -> Label Studio JSON (labelstudio.results, labelstudio.brush)
+    -> shapes (algorithm.geometry) -> Label Studio JSON (labelstudio.results, labelstudio.brush)
 
 ``serving`` puts that path behind Label Studio's ML-backend protocol, ``jobs`` runs it over
 whole projects, ``evaluation`` measures it; ``settings`` and ``cli`` sit on top.

@@ -21,12 +21,12 @@ from PIL import Image
 
 from gem_backend.serving.feature_cache import EmbeddingCache, decode_embedding, embedding_key, encode_embedding
 from gem_backend.labelstudio.interactive import Box, Click, parse_context, select_region
-from gem_backend.algorithm.regions import connected_components
+from gem_backend.algorithm.geometry import connected_components
 from gem_backend.algorithm.segmentation import GEMPredictor, ImageEmbedding, resize_nearest
 from gem_backend.serving.service import GEMService
 from helpers import shared_path
 from test_app import data_uri, decoded_mask, loaded, make_app, make_settings, metric, setup_body  # noqa: F401
-from test_regions import rasterize
+from test_geometry import rasterize
 
 CAPTURED_INTERACTIVE = "label-studio/captured/04_predict__interactive_annotating_with_context.json"
 BRUSH_CONFIG = ('<View>\n  <Image name="image" value="$image"/>\n  <BrushLabels name="tag" toName="image">\n'

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from gem_backend.algorithm.gem import GEM, UnsupportedModelError
-from gem_backend.algorithm.methods import (MethodError, check_method_options, create, create_method, gaussian_bias,
-                                 interpolate_pos_encoding, method_defaults, method_names)
+from gem_backend.algorithm.dense import interpolate_pos_encoding
+from gem_backend.algorithm.lastblock import gaussian_bias
+from gem_backend.algorithm.methods import (MethodError, check_method_options, create, create_method, method_defaults,
+                                           method_names)
 from helpers import SHARED, shared_path, tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,14 +6,19 @@ checks it). Shapes are in every docstring: ``B`` images, ``H x W`` pixels, grid 
 
 Modules and their public names:
 
-- :mod:`.gem`: :class:`GEM` (the image tower with GEM's self-self attention path, the text
-  tower, similarity maps), ``resample_pos_embed``, ``check_supported``,
-  ``UnsupportedModelError``, ``DEFAULT_TEMPLATES``.
+- :mod:`.dense`: :class:`DenseCLIP`, what every method shares (text tower, similarity maps,
+  model checks, the positional-embedding resizes ``resample_pos_embed`` and
+  ``interpolate_pos_encoding``), and ``CLIPMethod`` (plain CLIP patch tokens).
+- :mod:`.gem`: :class:`GEM` (the image tower with GEM's self-self attention path) and
+  ``GEMMethod``.
+- :mod:`.lastblock`: SCLIP, ClearCLIP, NACLIP (a modified last block).
+- :mod:`.methods`: the one factory, ``create_method`` / ``check_method_options`` /
+  ``method_names``.
 - :mod:`.models`: :func:`load_gem_model` (the one factory: an open_clip name or config and
   weights -> :class:`LoadedModel`), ``resolve_device``, ``resolve_dtype``,
   ``cpu_has_native_bf16``, ``weights_id``, ``ModelLoadError``.
 - :mod:`.segmentation`: :class:`GEMPredictor` (the image embedding once, cheap predictions on
   it), :class:`ImageEmbedding`, :class:`Segmentation`, :class:`SegmentationSettings`,
   ``model_input_size``, ``blend_prototypes``, ``resize_nearest``, ``nearest_indices``.
-- :mod:`.regions`: connected components, outlines, polygons, boxes of masks.
+- :mod:`.geometry`: connected components, outlines, polygons, boxes of masks.
 """

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DenseCLIP", "UnsupportedModelError", "check_supported", "DEFAULT_TEMPLATES", "resample_pos_embed"]
+__all__ = ["DenseCLIP", "CLIPMethod", "UnsupportedModelError", "check_supported", "DEFAULT_TEMPLATES",
+           "resample_pos_embed", "interpolate_pos_encoding"]
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
@@ -33,7 +34,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],
     """Resample learnt positional embeddings to another token grid (CLS kept as is).
 
     This is GEM's resize (and plain CLIP's here); SCLIP, ClearCLIP and NACLIP use their
-    own (``methods.interpolate_pos_encoding``).
+    own (:func:`interpolate_pos_encoding`).
 
     Args:
         pos_embed: ``[1 + h0*w0, width]``, CLS first, patches row-major.
@@ -52,6 +53,37 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],
     grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True)
     patch_pos = grid.permute(0, 2, 3, 1).reshape(-1, width).to(pos_embed.dtype)
     return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+def interpolate_pos_encoding(pos_embed: torch.Tensor, old_grid: tuple[int, int],
+                             new_grid: tuple[int, int]) -> torch.Tensor:
+    """The positional-embedding resize of the SCLIP, ClearCLIP and NACLIP repositories.
+
+    Bicubic (A = -0.75, no antialias) with ``scale_factor = (g + 0.1) / g0`` used as given,
+    so the source coordinate of output index ``i`` is ``(i + 0.5) * g0 / (g + 0.1) - 0.5``:
+    not the same sampling as a resize to ``size=g`` (GEM's, open_clip's).
+
+    Args:
+        pos_embed: ``[1 + h0*w0, width]``, CLS first, patches row-major.
+        old_grid: ``(h0, w0)`` of ``pos_embed``.
+        new_grid: ``(h, w)`` wanted.
+    Returns:
+        ``[1 + h*w, width]`` in the dtype of ``pos_embed`` (computed in float32: bicubic is
+        not implemented for half types everywhere); ``pos_embed`` itself at the native grid.
+        (The repositories test the token count only, so a non-square grid with the native
+        count would not be resized there; here it is, since its layout differs.)
+    """
+    (h0, w0), (h, w) = tuple(old_grid), tuple(new_grid)
+    if (h, w) == (h0, w0):
+        return pos_embed
+    width = pos_embed.shape[-1]
+    grid = pos_embed[1:].float().reshape(1, h0, w0, width).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((h + 0.1) / h0, (w + 0.1) / w0), mode="bicubic",
+                         align_corners=False)
+    if tuple(grid.shape[-2:]) != (h, w):  # floor(g0 * (g + 0.1) / g0) == g; guard the rounding
+        raise AssertionError(f"positional grid resized to {tuple(grid.shape[-2:])}, wanted {(h, w)}")
+    patch_pos = grid.permute(0, 2, 3, 1).reshape(h * w, width).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:1], patch_pos], dim=0)
 
 
 def check_supported(clip_model: nn.Module, method: str = "GEM") -> None:
@@ -290,3 +322,20 @@ class DenseCLIP(nn.Module):
     def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """Same as :meth:`similarity_maps`."""
         return self.similarity_maps(images, text_embeddings)
+
+
+class CLIPMethod(DenseCLIP):
+    """Plain CLIP patch tokens: the unmodified tower, GEM's positional resize.
+
+    Its tokens are GEM's ``feat_ori``; a baseline (CLIP's patch tokens localise poorly).
+    """
+
+    name = "clip"
+
+    def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None):
+        super().__init__(clip_model, tokenizer, method=self.name)
+        self.options = dict(options)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> ``[B, 1+N, D]`` after ``ln_post`` and the projection, not normalised."""
+        return self._project(self._run_blocks(self._blocks, self._embed(images)))

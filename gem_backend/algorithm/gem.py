@@ -33,7 +33,7 @@ from torch import nn
 
 from .dense import DEFAULT_TEMPLATES, DenseCLIP, UnsupportedModelError, check_supported, resample_pos_embed
 
-__all__ = ["GEM", "UnsupportedModelError", "check_supported", "DEFAULT_TEMPLATES", "resample_pos_embed"]
+__all__ = ["GEM", "GEMMethod", "UnsupportedModelError", "check_supported", "DEFAULT_TEMPLATES", "resample_pos_embed"]
 
 
 class GEM(DenseCLIP):
@@ -136,4 +136,21 @@ class GEM(DenseCLIP):
 
     def _dense_tokens(self, images: torch.Tensor) -> torch.Tensor:
         # the maps are GEM's: the patch tokens of the GEM stream
+        return self._encode(images)[0]
+
+
+class GEMMethod(GEM):
+    """GEM as a method: :meth:`encode_image` returns the GEM tokens only, ``[B, 1+N, D]``.
+
+    Its :meth:`similarity_maps` are :class:`~gem_backend.algorithm.gem.GEM`'s.
+    """
+
+    name = "gem"
+
+    def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None):
+        super().__init__(clip_model, tokenizer=tokenizer, **options)
+        self.options = dict(options)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` -> ``feat_gem`` ``[B, 1+N, D]``, not normalised."""
         return self._encode(images)[0]

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..algorithm.regions import connected_components
+from ..algorithm.geometry import connected_components
 
 __all__ = ["Box", "Click", "InteractiveContext", "Selection", "parse_context", "select_region"]
 

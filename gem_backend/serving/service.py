@@ -27,7 +27,7 @@ from ..labelstudio.spec import BrushTarget, ChoicesTarget, LabelConfigError, Lab
 from ..labelstudio.brush import stretched_label_rles
 from ..labelstudio.results import brush_region, brush_region_from_rle, choices_region, polygon_region, prediction, rectangle_region
 from .metrics import Metrics
-from ..algorithm.regions import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
+from ..algorithm.geometry import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
 from ..algorithm.segmentation import (BACKGROUND_KEY, GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings,
                                       nearest_indices)
 from ..settings import Settings, SettingsError

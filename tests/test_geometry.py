@@ -1,4 +1,4 @@
-"""gem_backend.algorithm.regions: mask geometry on synthetic masks with known answers."""
+"""gem_backend.algorithm.geometry: mask geometry on synthetic masks with known answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from gem_backend.algorithm.regions import (
+from gem_backend.algorithm.geometry import (
     bounding_boxes,
     component_at,
     component_means,
