@@ -14,6 +14,7 @@ The library API, stable from now on (imported lazily: ``import gem_backend`` loa
 
     from gem_backend import GEM, GEMPredictor, SegmentationSettings, load_gem_model, mask2rle, rle2mask
     from gem_backend import create_method, method_names, pamr     # GEM's successors, PAMR refinement
+    from gem_backend import paint_regions, vote_regions           # SAM 2 regions: instance map, region vote
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ _API = {
     "MethodError": "gem_backend.algorithm.methods",
     "DenseCLIP": "gem_backend.algorithm.dense",
     "pamr": "gem_backend.algorithm.refine",
+    "paint_regions": "gem_backend.algorithm.regions",
+    "vote_regions": "gem_backend.algorithm.regions",
     "mask2rle": "gem_backend.labelstudio.brush",
     "rle2mask": "gem_backend.labelstudio.brush",
 }

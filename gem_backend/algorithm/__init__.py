@@ -20,5 +20,6 @@ Modules and their public names:
 - :mod:`.segmentation`: :class:`GEMPredictor` (the image embedding once, cheap predictions on
   it), :class:`ImageEmbedding`, :class:`Segmentation`, :class:`SegmentationSettings`,
   ``model_input_size``, ``blend_prototypes``, ``resize_nearest``, ``nearest_indices``.
+- :mod:`.regions`: class-agnostic regions (instance maps), ``paint_regions``, ``vote_regions``.
 - :mod:`.geometry`: connected components, outlines, polygons, boxes of masks.
 """
