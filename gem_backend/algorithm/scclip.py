@@ -468,7 +468,7 @@ class SFP(SelfCalibratedCLIP):
         super().__init__(clip_model, options, tokenizer)
         if self.depth < self.min_depth:
             raise MethodError(f"method 'sfp' needs an image tower of at least {self.min_depth} blocks "
-                              f"(it reads the hidden states F_4..F_10); this one has {self.depth}")
+                              f"(it reads the hidden states F_4..F_10); this one has {self.depth} blocks")
         self.pm = self.options["pm"]
 
     def _needs_block_attention(self) -> bool:
