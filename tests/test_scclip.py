@@ -268,7 +268,7 @@ def test_sfp_needs_eleven_blocks():
         gem_backend.create_method("sfp", shallow)
     with pytest.raises(MethodError, match="on an image tower of 10 blocks"):
         gem_backend.create_method("scclip", shallow)  # multi_end_idx 10 reads F_10, after the last block here
-    assert gem_backend.create_method("scclip", shallow, multi_end_idx=9).depth == 10
+    assert gem_backend.create_method("scclip", shallow, multi_end_idx=9).num_blocks == 10
 
 
 # ---------------------------------------------------------------------- pieces

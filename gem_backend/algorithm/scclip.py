@@ -308,7 +308,7 @@ class SelfCalibratedCLIP(DenseCLIP):
         self.res_cls = float(self.options["res_cls"])
 
     @property
-    def depth(self) -> int:
+    def num_blocks(self) -> int:
         """``L``, the blocks of the image tower."""
         return len(self._blocks)
 
@@ -406,7 +406,7 @@ class SelfCalibratedCLIP(DenseCLIP):
         """
         grid = self.grid_for(images.shape[-2], images.shape[-1])
         states, multi, attention_input = self._tower(images)
-        last = self.depth - 1
+        last = self.num_blocks - 1
         outs, traces = [], []
         for b in range(images.shape[0]):
             tokens, info = self._window(states[last][b], states[self.pre_state][b], states[self.post_state][b],
@@ -433,7 +433,7 @@ class SCCLIP(SelfCalibratedCLIP):
 
     def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None):
         super().__init__(clip_model, options, tokenizer)
-        o, depth = self.options, self.depth
+        o, depth = self.options, self.num_blocks
         too_deep = [f"{key}={o[key]}" for key, top in (("pre_adjust_idx", depth - 2), ("post_adjust_idx", depth - 2),
                                                        ("multi_end_idx", depth - 1)) if o[key] > top]
         if too_deep or o["multi_start_idx"] >= o["multi_end_idx"]:
@@ -462,13 +462,13 @@ class SFP(SelfCalibratedCLIP):
     main_terms = (True, True)
     multi_terms = (False, False)
     pre_state, post_state, multi_states = 9, 4, range(4, 11)
-    min_depth = 11
+    min_blocks = 11
 
     def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None):
         super().__init__(clip_model, options, tokenizer)
-        if self.depth < self.min_depth:
-            raise MethodError(f"method 'sfp' needs an image tower of at least {self.min_depth} blocks "
-                              f"(it reads the hidden states F_4..F_10); this one has {self.depth} blocks")
+        if self.num_blocks < self.min_blocks:
+            raise MethodError(f"method 'sfp' needs an image tower of at least {self.min_blocks} blocks "
+                              f"(it reads the hidden states F_4..F_10); this one has {self.num_blocks} blocks")
         self.pm = self.options["pm"]
 
     def _needs_block_attention(self) -> bool:
