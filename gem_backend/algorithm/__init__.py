@@ -12,6 +12,8 @@ Modules and their public names:
 - :mod:`.gem`: :class:`GEM` (the image tower with GEM's self-self attention path) and
   ``GEMMethod``.
 - :mod:`.lastblock`: SCLIP, ClearCLIP, NACLIP (a modified last block).
+- :mod:`.scclip`: SC-CLIP and SFP (``SCCLIP``, ``SFP``: outliers fixed, a self-calibrated last
+  block) and their pieces (``lof_outliers``, ``som_outliers``, ``mean_interpolation``, ``posmix``, ...).
 - :mod:`.methods`: the one factory, ``create_method`` / ``check_method_options`` /
   ``method_names``.
 - :mod:`.models`: :func:`load_gem_model` (the one factory: an open_clip name or config and
