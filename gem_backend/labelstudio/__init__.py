@@ -10,6 +10,8 @@ No model and no server here: these modules speak Label Studio's formats.
 - :mod:`.interactive`: smart-tool clicks and boxes (``parse_context``, ``select_region``).
 - :mod:`.results`: masks and shapes -> results (``brush_region``, ``polygon_region``,
   ``rectangle_region``, ``choices_region``, ``prediction``).
+- :mod:`.annotations`: results -> masks and label maps (``result_masks``, ``label_map``,
+  ``region_mask``: brush RLE, polygons, rectangles, bitmask PNGs; ``AnnotationError``).
 - :mod:`.brush`: Label Studio's brush RLE (``mask2rle``, ``rle2mask``), byte-identical to the SDK's.
 - :mod:`.api`: the API client of the jobs (``LabelStudioAPI``, ``LabelStudioError``).
 """
