@@ -585,7 +585,7 @@ def contribution_for_annotation(service, spec, task: Mapping, annotation: Mappin
     seg = spec.segmentation
     predictor = None
     names = sorted({r.get("to_name") for r in results if isinstance(r, Mapping)
-                    and r.get("type") in ("brushlabels", "polygonlabels")}, key=str)
+                    and r.get("type") in LEARN_KINDS}, key=str)
     for to_name in names:
         key = images.get(to_name)
         url = data.get(key) if key else None
