@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
+from gem_backend.algorithm.segmentation import nearest_indices
 from gem_backend.labelstudio.annotations import bitmask_mask
+from gem_backend.labelstudio.bitmask import label_pngs
 from gem_backend.labelstudio.results import bitmask_data_url, bitmask_region, prediction
 from gem_backend.labelstudio.spec import BitmaskTarget, parse_labeling_config
 from gem_backend.serving.service import GEMService
@@ -65,6 +69,38 @@ def test_png_is_opaque_black_inside_transparent_outside_at_the_stretched_size():
     np.testing.assert_array_equal(bitmask_mask(url, 11, 25), full)
     # without a stretch: the mask as it is; widths that are not a multiple of 8 included
     np.testing.assert_array_equal(bitmask_mask(bitmask_data_url(full)), full)
+
+
+def test_label_pngs_equal_the_stretched_masks_for_any_index_maps():
+    rng = np.random.default_rng(1)
+    for trial in range(40):
+        h, w = rng.integers(1, 9, 2)
+        label_map = rng.integers(0, 3, (h, w)).astype(np.uint16)
+        rows = np.sort(rng.integers(0, h, rng.integers(1, 40)))
+        cols = rng.integers(0, w, rng.integers(1, 40))
+        if trial % 3 == 0:
+            rows = rng.permutation(rows)  # not only nearest-neighbour (sorted) maps
+        for value, png in zip((0, 1, 2, 7), label_pngs(label_map, [0, 1, 2, 7], rows, cols)):
+            with Image.open(io.BytesIO(png)) as img:
+                pixels = np.asarray(img.convert("RGBA"))
+            np.testing.assert_array_equal(pixels[..., 3] > 0, (label_map == value)[rows][:, cols])
+
+
+def test_label_png_zlib_stream_is_whole_at_12_megapixels():
+    """The segments, the zero-run cache and the closed-form Adler-32 make one valid zlib stream."""
+    rng = np.random.default_rng(2)
+    label_map = rng.integers(0, 3, (45, 60)).astype(np.uint8)
+    label_map[10:30] = 0  # long zero stretches for label 1 and 2
+    rows, cols = nearest_indices(45, 3000), nearest_indices(60, 4000)
+    for value, png in zip((1, 2), label_pngs(label_map, [1, 2], rows, cols)):
+        at = png.index(b"IDAT")
+        (length,) = struct.unpack(">I", png[at - 4:at])
+        raw = zlib.decompress(png[at + 4:at + 4 + length])  # checks the Adler-32
+        assert len(raw) == 3000 * (4000 // 8 + 1)
+        with Image.open(io.BytesIO(png)) as img:
+            assert img.size == (4000, 3000)
+            np.testing.assert_array_equal(np.asarray(img.convert("RGBA"))[..., 3] > 0,
+                                          (label_map == value)[rows][:, cols])
 
 
 def test_region_is_valid_under_the_sdk_validator_and_a_wrong_label_is_refused():
@@ -125,3 +161,13 @@ def test_a_click_gives_one_bitmask_of_that_object(tmp_path, loaded, photo_uri):
     assert region["type"] == "bitmasklabels" and region["value"]["bitmasklabels"] == ["dog"]
     np.testing.assert_array_equal(bitmask_mask(region["value"]["imageDataURL"], HEIGHT, WIDTH),
                                   ref.full(ref.component(1, x, y)))
+
+
+def test_bench_bitmask_section_gives_one_json_record():
+    from gem_backend.evaluation.bench import bench_bitmask
+
+    rec = bench_bitmask(labels=3, runs=1, size=(300, 400), small=(45, 60))
+    assert rec["bench"] == "bitmask" and rec["image"] == "400x300" and rec["labels"] == 3
+    assert rec["bitmask_png_s"] > 0 and rec["brush_rle_s"] > 0 and rec["bitmask_reply_bytes"] > 0
+    json_line = __import__("json").dumps(rec)
+    assert "brush_reply_bytes" in json_line

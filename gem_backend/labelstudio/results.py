@@ -14,14 +14,13 @@ data URL at the image's pixel size, ``{"imageDataURL": "data:image/png;base64,..
 "bitmasklabels": ["cat"]}``: the frontend reads a pixel as inside when its alpha is over 0 and
 writes RGBA PNGs, black and opaque inside, transparent outside. :func:`bitmask_data_url`
 writes the same pixels as a 1-bit palette PNG (index 0 transparent black, 1 opaque black),
-which browsers and Pillow decode to exactly those RGBA values, at an eighth of the bytes to
-compress.
+which browsers and Pillow decode to exactly those RGBA values
+(:mod:`gem_backend.labelstudio.bitmask`).
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import secrets
@@ -29,9 +28,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .bitmask import mask_png
 from .spec import BitmaskTarget, BrushTarget, LabelTarget
 
-__all__ = ["bitmask_data_url", "bitmask_region", "brush_region", "brush_region_from_rle", "choices_region", "dumps", "new_region_id", "polygon_region", "prediction", "rectangle_region"]
+__all__ = ["bitmask_data_url", "bitmask_region", "bitmask_region_from_png", "png_data_url", "brush_region", "brush_region_from_rle", "choices_region", "dumps", "new_region_id", "polygon_region", "prediction", "rectangle_region"]
 
 
 def new_region_id() -> str:
@@ -148,35 +148,31 @@ BITMASK_PREFIX = "data:image/png;base64,"
 
 def bitmask_data_url(mask: np.ndarray, stretch: tuple[np.ndarray, np.ndarray] | None = None) -> str:
     """A mask as Label Studio's ``bitmasklabels`` ``imageDataURL``: a PNG data URL, inside
-    opaque black ``(0, 0, 0, 255)``, outside transparent ``(0, 0, 0, 0)`` once decoded to RGBA.
+    opaque black ``(0, 0, 0, 255)``, outside transparent ``(0, 0, 0, 0)`` once decoded to RGBA
+    (:func:`~gem_backend.labelstudio.bitmask.mask_png`).
 
     - ``mask``: ``[h, w]`` bool (or 0/non-0 integers).
     - ``stretch``: ``(rows, cols)``, the full-size mask is ``mask[rows][:, cols]`` (the model
       input size mask and :attr:`~gem_backend.algorithm.segmentation.Segmentation.rows`/
-      ``cols``); the PNG is then ``len(cols) x len(rows)``, built from the small mask's packed
-      rows (a 12 MP mask costs ~1.5 MB of bits, never a 12 MB array of our own).
+      ``cols``); the PNG is then ``len(cols) x len(rows)``, and no full-size array is built.
     """
-    from PIL import Image
+    rows, cols = stretch if stretch is not None else (None, None)
+    return png_data_url(mask_png(mask, rows, cols))
 
-    mask = np.asarray(mask)
-    if mask.ndim != 2 or mask.shape[0] == 0 or mask.shape[1] == 0:
-        raise ValueError(f"mask must be a non-empty [H, W] array, got shape {mask.shape}")
-    mask = mask.astype(np.bool_, copy=False)
-    if stretch is None:
-        packed = np.packbits(mask, axis=1)
-        height, width = mask.shape
-    else:
-        rows, cols = (np.asarray(a, np.int64) for a in stretch)
-        if not rows.size or not cols.size:
-            raise ValueError("stretch index maps must not be empty")
-        # each small row once, stretched along x and packed; rows repeat by index
-        packed = np.packbits(mask[:, cols], axis=1)[rows]
-        height, width = rows.size, cols.size
-    img = Image.frombytes("P", (width, height), np.ascontiguousarray(packed).tobytes(), "raw", "P;1")
-    img.putpalette([0, 0, 0, 0, 0, 0])  # two entries: Pillow writes a 1-bit PNG
-    buf = io.BytesIO()
-    img.save(buf, "PNG", transparency=b"\x00\xff")
-    return BITMASK_PREFIX + base64.b64encode(buf.getvalue()).decode("ascii")
+
+def png_data_url(png: bytes) -> str:
+    """``data:image/png;base64,...`` of PNG bytes."""
+    return BITMASK_PREFIX + base64.b64encode(png).decode("ascii")
+
+
+def bitmask_region_from_png(png: bytes, size: tuple[int, int], label: str, target: BitmaskTarget, score: float,
+                            region_id: str | None = None) -> dict:
+    """A ``bitmasklabels`` result from a PNG already made for an ``(H, W)`` image (e.g. by
+    :func:`~gem_backend.labelstudio.bitmask.label_pngs`); as :func:`bitmask_region`."""
+    _check_label(label, target)
+    height, width = (int(v) for v in size)
+    value = {"imageDataURL": png_data_url(png), "bitmasklabels": [label]}
+    return _image_region("bitmasklabels", target, width, height, score, value, region_id)
 
 
 def bitmask_region(mask: np.ndarray, label: str, target: BitmaskTarget, score: float,

@@ -25,7 +25,8 @@ from ..labelstudio.images import ImageError, ImageFetcher, decode_image, origina
 from ..labelstudio.interactive import InteractiveContext, parse_context, select_region
 from ..labelstudio.spec import BitmaskTarget, BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget, TextPromptTarget, match_label, parse_labeling_config
 from ..labelstudio.brush import stretched_label_rles
-from ..labelstudio.results import bitmask_region, brush_region, brush_region_from_rle, choices_region, polygon_region, prediction, rectangle_region
+from ..labelstudio.bitmask import label_pngs
+from ..labelstudio.results import bitmask_region, bitmask_region_from_png, brush_region, brush_region_from_rle, choices_region, polygon_region, prediction, rectangle_region
 from .metrics import Metrics
 from ..algorithm.geometry import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
 from ..algorithm.segmentation import (BACKGROUND_KEY, GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings,
@@ -676,12 +677,14 @@ class GEMService:
                      result.areas[prompt], result.margins.get(prompt, result.scores[prompt]))
                     for (label, prompt), rle in zip(kept, rles)]
         if isinstance(target, BitmaskTarget):
-            # one PNG per label, each from the small map's rows: no full-size array
-            return [(bitmask_region(result.input_map == result.labels.index(prompt) + 1, label, target,
-                                    result.scores[prompt], stretch=(result.rows, result.cols)),
-                     result.areas[prompt], result.margins.get(prompt, result.scores[prompt]))
-                    for label, prompt in present
+            kept = [(label, prompt) for label, prompt in present
                     if target.score_threshold is None or result.scores[prompt] >= target.score_threshold]
+            # every label's PNG from the map at the model input size: no full-size array
+            pngs = label_pngs(result.input_map, [result.labels.index(p) + 1 for _, p in kept],
+                              result.rows, result.cols)
+            return [(bitmask_region_from_png(png, result.original_size, label, target, result.scores[prompt]),
+                     result.areas[prompt], result.margins.get(prompt, result.scores[prompt]))
+                    for (label, prompt), png in zip(kept, pngs)]
         for label, prompt in present:
             out.extend(self._shapes(result.small_mask(prompt), result.confidence, label, target, segmentation,
                                     result.original_size, margin=result.margin))
