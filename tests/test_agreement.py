@@ -57,6 +57,15 @@ def test_iou_per_label_and_overall_across_region_kinds():
     assert compare_results([], [], CONFIG.targets)["iou"] == 1.0
 
 
+def test_iou_is_counted_over_every_band_of_a_tall_image():
+    tall = np.zeros((700, 10), bool)
+    tall[100:600] = True          # 500 rows: across the 256-row bands
+    shifted = np.zeros((700, 10), bool)
+    shifted[350:700] = True       # overlaps rows 350..599: 250 of 600 rows
+    out = compare_results([brush(shifted, "cat")], [brush(tall, "cat")], CONFIG.targets)
+    assert out["labels"] == {"cat": pytest.approx(250 / 600)}
+
+
 def test_our_prediction_is_the_parent_or_the_newest_gem_one():
     preds = [{"id": 1, "model_version": "gem-a", "result": [], "created_at": "2026-01-01"},
              {"id": 2, "model_version": "gem-b", "result": [], "created_at": "2026-02-01"},

@@ -93,6 +93,16 @@ def _size(results: Sequence[Mapping], target: LabelTarget) -> tuple[int, int] | 
     return None
 
 
+def _joint_histogram(ours: np.ndarray, theirs: np.ndarray, n: int, rows: int = 256) -> np.ndarray:
+    """``[n, n]`` pixel counts of (ours, theirs) label pairs, in bands of rows (a 12 MP map
+    as one int64 array would be 96 MB)."""
+    joint = np.zeros(n * n, np.int64)
+    for r in range(0, ours.shape[0], rows):
+        pairs = ours[r:r + rows].astype(np.intp) * n + theirs[r:r + rows]
+        joint += np.bincount(pairs.ravel(), minlength=n * n)
+    return joint.reshape(n, n)
+
+
 def compare_results(annotation: Sequence[Mapping], prediction: Sequence[Mapping],
                     targets: Sequence[LabelTarget]) -> dict:
     """IoU between an annotation's and a prediction's ``result`` lists.
@@ -114,9 +124,7 @@ def compare_results(annotation: Sequence[Mapping], prediction: Sequence[Mapping]
         ours, p1 = label_map(prediction, target.labels, target.to_name, size, from_name=target.from_name)
         theirs, p2 = label_map(annotation, target.labels, target.to_name, size, from_name=target.from_name)
         problems += [f"prediction {p}" for p in p1] + [f"annotation {p}" for p in p2]
-        # one pass: a joint histogram of (ours, theirs) label pairs
-        n = len(target.labels) + 1
-        joint = np.bincount((ours.astype(np.int64) * n + theirs).ravel(), minlength=n * n).reshape(n, n)
+        joint = _joint_histogram(ours, theirs, len(target.labels) + 1)
         for i, label in enumerate(target.labels, start=1):
             both = int(joint[i, i])
             either = int(joint[i, :].sum() + joint[:, i].sum()) - both
