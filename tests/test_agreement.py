@@ -210,3 +210,10 @@ def test_cli_agreement_from_the_file_store(tmp_path, loaded, monkeypatch):
     printed = json.loads(out.getvalue())
     assert printed["annotations"] == 1 and printed["mean_iou"] == pytest.approx(b.figures()[1]["mean_iou"])
     assert printed["mean_iou"] < 1.0
+
+
+def test_cli_eval_says_what_is_missing(capsys):
+    assert main(["eval", "--agreement"]) == 2
+    assert "--agreement needs --project" in capsys.readouterr().err
+    assert main(["eval", "--project", "1"]) == 2
+    assert "--dataset and --root are required" in capsys.readouterr().err
