@@ -169,8 +169,8 @@ def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="mIoU on a public segmentation benchmark (see EVALUATION.md)",
                        description="Evaluate GEM (or vanilla CLIP) on a segmentation benchmark: mIoU, per-class "
                                    "IoU and pixel accuracy as JSON and markdown; resumable; see EVALUATION.md.")
-    p.add_argument("--dataset", required=True, choices=dataset_names())
-    p.add_argument("--root", required=True, help="dataset folder, in the layout of its public download")
+    p.add_argument("--dataset", choices=dataset_names(), help="the benchmark (required unless --project)")
+    p.add_argument("--root", help="dataset folder, in the layout of its public download (required with --dataset)")
     p.add_argument("--protocol", default="gem", choices=PROTOCOLS,
                    help="gem: 448x448 one pass, one template (the paper); sclip: short side 336/448/560, "
                         "slide 224/112, 80 templates, per-dataset logit scale and threshold; clearclip: "
@@ -220,11 +220,42 @@ def _add_eval_parser(sub) -> None:
     a.add_argument("--prototype-min-annotations", type=int,
                    help="n_min: images holding a class before its prototype is used "
                         "(GEM_PROTOTYPE_MIN_ANNOTATIONS, default 2)")
+    # agreement over time: figures the backend recorded from annotation webhooks
+    p.add_argument("--project", help="Label Studio project id")
+    p.add_argument("--agreement", action="store_true",
+                   help="with --project: print the project's running agreement figures (IoU between annotations "
+                        "and this backend's predictions) from the backend's store (REDIS_URL, else GEM_STATE_DIR)")
     p.set_defaults(func=cmd_eval)
+
+
+def cmd_agreement(args) -> int:
+    """``eval --project ID --agreement``: the store's summary of the project as JSON."""
+    from .serving.agreement import open_agreement_store
+    from .settings import Settings, SettingsError
+
+    if not args.project:
+        print("gem-backend eval: --agreement needs --project ID", file=sys.stderr)
+        return 2
+    try:
+        summary = open_agreement_store(Settings.from_env()).summary(args.project, last=10)
+    except (ValueError, SettingsError) as err:
+        print(f"gem-backend eval: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - Redis away: one line, not a traceback
+        print(f"gem-backend eval: agreement store unavailable: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def cmd_eval(args) -> int:
     import dataclasses
+
+    if args.agreement:
+        return cmd_agreement(args)
+    if not args.dataset or not args.root:
+        print("gem-backend eval: --dataset and --root are required", file=sys.stderr)
+        return 2
 
     from .evaluation.datasets import DatasetError, read_class_names
     from .evaluation.harness import (EvalConfig, EvalError, parse_variants, protocol_for, run_active_learning,

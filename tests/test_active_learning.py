@@ -170,7 +170,7 @@ def test_created_updated_deleted_webhooks_update_the_store(tmp_path, loaded):
     uri = photo_uri()
     started = time.perf_counter()
     answer = b.post(webhook(CREATED, uri, result=[brush_result(left_half(), "cat")]))
-    assert answer == {"status": "ok", "action": "ANNOTATION_CREATED", "prototypes": "queued"}
+    assert answer == {"status": "ok", "action": "ANNOTATION_CREATED", "prototypes": "queued", "agreement": "queued"}
     assert time.perf_counter() - started < 1.0
     assert b.learner.drain(60)
     assert b.totals() == {"cat": 1, BACKGROUND_KEY: 1}

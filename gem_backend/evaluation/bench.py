@@ -11,6 +11,10 @@ timed (the record says so). Sections:
 - ``e2e``: one 12-megapixel JPEG task with 20 brush labels through the Flask app's
   ``/predict``: the forward (timed inside the request) and everything else (``other_s``);
 - ``rle``: ``gem_backend.brush.mask2rle`` vs ``label_studio_sdk``'s on 12-megapixel masks;
+- ``bitmask``: per 12-megapixel image, every label's BitmaskLabels PNG data URL
+  (:func:`~gem_backend.labelstudio.bitmask.label_pngs`) vs its brush RLE
+  (:func:`~gem_backend.labelstudio.brush.stretched_label_rles`), both from the label map at the
+  model input size as the service does, with the bytes each puts in the reply (:func:`bench_bitmask`);
 - ``click``: an annotator's smart-tool click on a 12-megapixel JPEG through
   :meth:`GEMService.predict_tasks` (``params.context``), first click (image features not
   cached: decode + image tower) vs repeated clicks on the same image (features from the
@@ -338,6 +342,42 @@ def bench_rle(runs: int = 3) -> list[dict]:
     return out
 
 
+def bench_bitmask(labels: int = 20, runs: int = 3, size: tuple[int, int] = (3000, 4000),
+                  small: tuple[int, int] = (448, 597)) -> dict:
+    """Seconds per 12-megapixel image: every label's bitmask PNG vs its brush RLE, from a
+    ``small`` label map of blobs (as the model input decides) stretched to ``size``."""
+    from ..algorithm.segmentation import nearest_indices
+    from ..labelstudio.bitmask import label_pngs
+    from ..labelstudio.brush import stretched_label_rles
+    from ..labelstudio.results import dumps, png_data_url
+
+    rng = np.random.default_rng(0)
+    h, w = small
+    # blobs of every label on a background, like a decided map (not noise, which no model gives)
+    yy, xx = np.mgrid[0:h, 0:w]
+    label_map = np.zeros((h, w), np.uint16)
+    for value in range(1, labels + 1):
+        for _ in range(3):
+            cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(10, 60)
+            label_map[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = value
+    rows, cols = nearest_indices(h, size[0]), nearest_indices(w, size[1])
+    values = [v for v in range(1, labels + 1) if (label_map == v).any()]
+
+    def pngs() -> list[str]:
+        return [png_data_url(png) for png in label_pngs(label_map, values, rows, cols)]
+
+    def rles() -> list[list[int]]:
+        return stretched_label_rles(label_map, values, rows, cols)
+
+    png_s, _ = _median_time(pngs, runs, 1)
+    rle_s, _ = _median_time(rles, runs, 1)
+    png_bytes = sum(len(u) for u in pngs())
+    rle_bytes = len(dumps([{"rle": r} for r in rles()]))
+    return dict(bench="bitmask", image=f"{size[1]}x{size[0]}", input=f"{w}x{h}", labels=len(values),
+                bitmask_png_s=png_s, brush_rle_s=rle_s, ratio=png_s / rle_s,
+                bitmask_reply_bytes=png_bytes, brush_reply_bytes=rle_bytes)
+
+
 def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     """Fused attention ``[B, H, Lq, E] x [B, H, Lk, E] x [B, H, Lk, Ev]``: Q K^T and P V."""
     b, h, lq, e = query
@@ -626,6 +666,8 @@ def run(args) -> list[dict]:
     if "rle" in sections:
         for rec in bench_rle():
             emit(rec)
+    if "bitmask" in sections:
+        emit(bench_bitmask(runs=args.runs))
     fastest = precisions[-1]
     if "oversubscribe" in sections:
         for rec in bench_oversubscribe(args.model, fastest, args.size, args.runs):
@@ -669,8 +711,8 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: the serving default, cores / WORKERS, or GEM_TORCH_THREADS)")
     p.add_argument("--sections", default="forward,text,e2e,rle,limit,click",
-                   help="comma-separated; also oversubscribe, throughput (several processes; they use the last "
-                        "--precision)")
+                   help="comma-separated; also bitmask (BitmaskLabels PNG vs brush RLE per 12 MP image), "
+                        "oversubscribe, throughput (several processes; they use the last --precision)")
     p.add_argument("--barrier", help=argparse.SUPPRESS)  # DIR:I/N, oversubscribe's child processes
     p.add_argument("--reference", metavar="VENV", help="also time the official package in this venv")
     p.add_argument("--json", action="store_true", help="JSON lines instead of the table")

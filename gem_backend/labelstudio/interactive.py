@@ -38,7 +38,8 @@ from ..algorithm.geometry import connected_components
 __all__ = ["Box", "Click", "InteractiveContext", "Selection", "parse_context", "select_region"]
 
 # value keys that may carry the label of a context region
-_LABEL_KEYS = ("keypointlabels", "rectanglelabels", "labels", "brushlabels", "polygonlabels", "ellipselabels")
+_LABEL_KEYS = ("keypointlabels", "rectanglelabels", "labels", "brushlabels", "polygonlabels", "ellipselabels",
+               "bitmasklabels")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Label Studio prediction JSON: masks and shapes -> brush, polygon, rectangle and choices results.
+"""Label Studio prediction JSON: masks and shapes -> brush, bitmask, polygon, rectangle and choices results.
 
 Result format (what Label Studio 1.23 stores and shows, see
 ``/work/shared/label-studio/captured/13_predict_response_example.json``)::
@@ -8,10 +8,19 @@ Result format (what Label Studio 1.23 stores and shows, see
                  "image_rotation": 0, "score": 0.87,
                  "value": {"format": "rle", "rle": [...], "brushlabels": ["cat"]}}],
      "score": 0.87, "model_version": "gem-..."}
+
+A ``bitmasklabels`` region (Label Studio 1.23's ``<BitmaskLabels>``) holds its mask as a PNG
+data URL at the image's pixel size, ``{"imageDataURL": "data:image/png;base64,...",
+"bitmasklabels": ["cat"]}``: the frontend reads a pixel as inside when its alpha is over 0 and
+writes RGBA PNGs, black and opaque inside, transparent outside. :func:`bitmask_data_url`
+writes the same pixels as a 1-bit palette PNG (index 0 transparent black, 1 opaque black),
+which browsers and Pillow decode to exactly those RGBA values
+(:mod:`gem_backend.labelstudio.bitmask`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import secrets
@@ -19,9 +28,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .spec import BrushTarget, LabelTarget
+from .bitmask import mask_png
+from .spec import BitmaskTarget, BrushTarget, LabelTarget
 
-__all__ = ["brush_region", "brush_region_from_rle", "choices_region", "dumps", "new_region_id", "polygon_region", "prediction", "rectangle_region"]
+__all__ = ["bitmask_data_url", "bitmask_region", "bitmask_region_from_png", "png_data_url", "brush_region", "brush_region_from_rle", "choices_region", "dumps", "new_region_id", "polygon_region", "prediction", "rectangle_region"]
 
 
 def new_region_id() -> str:
@@ -131,6 +141,56 @@ def brush_region_from_rle(rle: list[int], size: tuple[int, int], label: str, tar
     height, width = (int(v) for v in size)
     value = {"format": "rle", "rle": rle, "brushlabels": [label]}
     return _image_region("brushlabels", target, width, height, score, value, region_id)
+
+
+BITMASK_PREFIX = "data:image/png;base64,"
+
+
+def bitmask_data_url(mask: np.ndarray, stretch: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+    """A mask as Label Studio's ``bitmasklabels`` ``imageDataURL``: a PNG data URL, inside
+    opaque black ``(0, 0, 0, 255)``, outside transparent ``(0, 0, 0, 0)`` once decoded to RGBA
+    (:func:`~gem_backend.labelstudio.bitmask.mask_png`).
+
+    - ``mask``: ``[h, w]`` bool (or 0/non-0 integers).
+    - ``stretch``: ``(rows, cols)``, the full-size mask is ``mask[rows][:, cols]`` (the model
+      input size mask and :attr:`~gem_backend.algorithm.segmentation.Segmentation.rows`/
+      ``cols``); the PNG is then ``len(cols) x len(rows)``, and no full-size array is built.
+    """
+    rows, cols = stretch if stretch is not None else (None, None)
+    return png_data_url(mask_png(mask, rows, cols))
+
+
+def png_data_url(png: bytes) -> str:
+    """``data:image/png;base64,...`` of PNG bytes."""
+    return BITMASK_PREFIX + base64.b64encode(png).decode("ascii")
+
+
+def bitmask_region_from_png(png: bytes, size: tuple[int, int], label: str, target: BitmaskTarget, score: float,
+                            region_id: str | None = None) -> dict:
+    """A ``bitmasklabels`` result from a PNG already made for an ``(H, W)`` image (e.g. by
+    :func:`~gem_backend.labelstudio.bitmask.label_pngs`); as :func:`bitmask_region`."""
+    _check_label(label, target)
+    height, width = (int(v) for v in size)
+    value = {"imageDataURL": png_data_url(png), "bitmasklabels": [label]}
+    return _image_region("bitmasklabels", target, width, height, score, value, region_id)
+
+
+def bitmask_region(mask: np.ndarray, label: str, target: BitmaskTarget, score: float,
+                   region_id: str | None = None, stretch: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """One Label Studio ``bitmasklabels`` result for one mask (arguments as :func:`brush_region`;
+    ``mask`` is bool or 0/non-0).
+
+    Returns ``{"id", "from_name", "to_name", "type": "bitmasklabels", "original_width",
+    "original_height", "image_rotation": 0, "score", "value": {"imageDataURL":
+    "data:image/png;base64,...", "bitmasklabels": [label]}}``."""
+    _check_label(label, target)
+    url = bitmask_data_url(mask, stretch)
+    if stretch is not None:
+        height, width = len(stretch[0]), len(stretch[1])
+    else:
+        height, width = np.asarray(mask).shape
+    value = {"imageDataURL": url, "bitmasklabels": [label]}
+    return _image_region("bitmasklabels", target, width, height, score, value, region_id)
 
 
 def _check_label(label: str, target: LabelTarget) -> None:

@@ -7,6 +7,7 @@ target objects (:mod:`gem_backend.labelstudio.results` turns masks back into res
 Controls bound to an ``<Image>`` that gem-backend fills (:func:`parse_labeling_config`):
 
 - ``<BrushLabels>`` -> :class:`BrushTarget`: one ``brushlabels`` mask per label;
+- ``<BitmaskLabels>`` -> :class:`BitmaskTarget`: one ``bitmasklabels`` PNG mask per label;
 - ``<PolygonLabels>`` -> :class:`PolygonTarget`: one ``polygonlabels`` polygon per connected
   part of a label's mask;
 - ``<RectangleLabels>`` -> :class:`RectangleTarget`: one ``rectanglelabels`` box per
@@ -40,6 +41,7 @@ from typing import Any, ClassVar, Sequence
 
 
 __all__ = [
+    "BitmaskTarget",
     "BrushTarget",
     "ChoicesTarget",
     "LabelConfigError",
@@ -54,7 +56,7 @@ __all__ = [
     "parse_labeling_config",
 ]
 
-SUPPORTED_CONTROLS = ("<BrushLabels>, <PolygonLabels>, <RectangleLabels> (a box output, not only a smart "
+SUPPORTED_CONTROLS = ("<BrushLabels>, <BitmaskLabels>, <PolygonLabels>, <RectangleLabels> (a box output, not only a smart "
                       "tool) or <Choices>")
 
 _TRUE = {"1", "true", "yes"}
@@ -108,6 +110,14 @@ class BrushTarget(LabelTarget):
 
 
 @dataclass(frozen=True)
+class BitmaskTarget(LabelTarget):
+    """A ``<BitmaskLabels>`` control on an ``<Image>``: one ``bitmasklabels`` mask per label,
+    a PNG data URL at the image's size (Label Studio 1.23)."""
+
+    kind: ClassVar[str] = "bitmasklabels"
+
+
+@dataclass(frozen=True)
 class PolygonTarget(LabelTarget):
     """A ``<PolygonLabels>`` control on an ``<Image>``: a polygon per part of a label's mask."""
 
@@ -146,7 +156,7 @@ class TextPromptTarget:
 class LabelingConfig:
     """What :func:`parse_labeling_config` finds.
 
-    - ``targets``: the output controls (brush, polygon, rectangle, choices targets), in
+    - ``targets``: the output controls (brush, bitmask, polygon, rectangle, choices targets), in
       config order, ``model_skip`` ones removed.
     - ``text_prompts``: TextAreas bound to an Image.
     - ``smart_tools``: names of the KeyPointLabels/RectangleLabels smart tools.
@@ -209,6 +219,7 @@ def _load_interface(xml: str):
 
 _TARGET_CLASSES: dict[str, type[LabelTarget]] = {
     "brushlabels": BrushTarget,
+    "bitmasklabels": BitmaskTarget,
     "polygonlabels": PolygonTarget,
     "rectanglelabels": RectangleTarget,
     "choices": ChoicesTarget,
@@ -318,7 +329,7 @@ def parse_label_config(xml: str) -> list[BrushTarget]:
 def parse_labeling_config(xml: str) -> LabelingConfig:
     """Every control of a labeling config that gem-backend fills or reads.
 
-    Returns a :class:`LabelingConfig`: the output targets (BrushLabels, PolygonLabels,
+    Returns a :class:`LabelingConfig`: the output targets (BrushLabels, BitmaskLabels, PolygonLabels,
     RectangleLabels that are not smart tools, Choices; each bound to an Image), the TextArea
     prompt sources and the smart tools. ``model_skip`` works as in
     :func:`parse_label_config`, so the targets may be empty for a config that is fine.

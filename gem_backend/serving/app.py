@@ -1,7 +1,8 @@
 """Label Studio's ML-backend protocol on Flask 3: ``create_app(settings)``.
 
 Routes (Label Studio 1.23): ``GET /health``, ``POST /setup``, ``POST /predict``,
-``POST /webhook``, ``GET /versions``, plus ``GET /metrics`` (Prometheus text).
+``POST /webhook``, ``GET /versions``, plus ``GET /metrics`` (Prometheus text) and
+``GET /agreement/<project>`` (annotations vs this backend's predictions, JSON).
 ``/health`` and ``/setup`` never wait for the model: Label Studio gives them 1 s and 3 s.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .agreement import Agreement
 from .learner import Learner
 from .redis_gate import check_eviction_policy
 from .service import GEMService, ModelUnavailable, RequestError
@@ -121,10 +123,12 @@ def create_app(settings: Settings | None = None, service: GEMService | None = No
     service = service or GEMService(settings)
     params = ProjectParams(settings)
     learner = Learner(service, params.get)
+    agreement = Agreement(service, params.get)
     app = Flask("gem_backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["gem_service"] = service
     app.extensions["gem_learner"] = learner
+    app.extensions["gem_agreement"] = agreement
     metrics = service.metrics
 
     def authorized() -> bool:
@@ -221,8 +225,26 @@ def create_app(settings: Settings | None = None, service: GEMService | None = No
         body = _parsed_json() or {}
         action = body.get("action") if isinstance(body, dict) else None
         queued = learner.submit(body)
-        log.debug("webhook %s: %s", action, queued)
-        return jsonify(status="ok", action=action, prototypes=queued)
+        compared = agreement.submit(body)
+        log.debug("webhook %s: prototypes %s, agreement %s", action, queued, compared)
+        return jsonify(status="ok", action=action, prototypes=queued, agreement=compared)
+
+    @app.get("/agreement/<project>")
+    def agreement_figures(project):
+        try:
+            last = int(request.args.get("last", 10))
+            if not 0 <= last <= 100:
+                raise ValueError
+        except ValueError:
+            raise RequestError("'last' must be an integer from 0 to 100") from None
+        try:
+            summary = agreement.store.summary(project, last=last)
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - Redis away: say so, do not 500
+            return jsonify(error=f"agreement store unavailable: {type(err).__name__}"), 503
+        summary["pending"] = len(agreement.pending)
+        return jsonify(summary)
 
     @app.get("/versions")
     def versions():

@@ -32,6 +32,17 @@ class Metrics:
         self.prototype_events = Counter("gem_prototype_events", "Annotation webhooks handled for prototypes, by "
                                         "result (learnt, removed, skipped, off, failed, dropped)", ["result"],
                                         registry=r)
+        self.agreement_events = Counter("gem_agreement_events", "Annotation webhooks handled for agreement, by "
+                                        "result (recorded, removed, pending, written_late, no_prediction, "
+                                        "skipped, failed, dropped)", ["result"], registry=r)
+        self.agreement_pending = Gauge("gem_agreement_pending", "Agreement records waiting for the store "
+                                       "(Redis away)", registry=r)
+        self.agreement_annotations = Gauge("gem_agreement_annotations", "Annotations compared with a prediction "
+                                           "of this backend, per project", ["project"], registry=r)
+        self.agreement_iou = Gauge("gem_agreement_iou", "Mean IoU between annotations and this backend's "
+                                   "predictions, per project", ["project"], registry=r)
+        self.agreement_label_iou = Gauge("gem_agreement_label_iou", "Mean IoU per label between annotations "
+                                         "and this backend's predictions", ["project", "label"], registry=r)
 
     def render(self) -> bytes:
         """Prometheus text exposition of every metric."""

@@ -7,9 +7,9 @@ with the label's text embedding sharpens later predictions of the same project
 
 From an annotation to a contribution (:func:`contribution_from_masks`):
 
-1. each annotated region is decoded to a mask: brush RLE with :func:`gem_backend.brush.rle2mask`
-   (alpha >= 128), polygons (points in percent of the image) rasterised with Pillow; regions of
-   one label are OR-ed;
+1. each annotated region is decoded to a mask (:func:`gem_backend.labelstudio.annotations.result_masks`):
+   brush RLE (alpha >= 128), polygons (points in percent of the image) rasterised with Pillow,
+   bitmask PNGs (alpha > 0); boxes are not learnt from; regions of one label are OR-ed;
 2. the mask is reduced to the image's token grid as the **area fraction** of every patch
    (:func:`grid_fractions`, an exact box average); a patch belongs to the label when at least
    :data:`INSIDE` (half) of it is inside; when no patch is, the single patch with the largest
@@ -49,7 +49,6 @@ import base64
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -60,9 +59,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from ..labelstudio.brush import rle2mask
+from ..labelstudio.annotations import AnnotationError, result_masks
 from ..algorithm.segmentation import BACKGROUND_KEY, ImageEmbedding, SegmentationSettings
 
 log = logging.getLogger(__name__)
@@ -74,11 +73,9 @@ __all__ = ["BACKGROUND_KEY", "FIXED_POINT", "INSIDE", "AnnotationError", "LabelS
 
 FIXED_POINT = 1 << 24   # fixed-point scale of stored sums: exact integer add/subtract
 INSIDE = 0.5            # a patch belongs to a region when at least this fraction of it is inside
+# boxes are too coarse to learn a label's look from
+LEARN_KINDS = ("brushlabels", "polygonlabels", "bitmasklabels")
 OUTSIDE = 1e-6          # ... and to the background when at most this fraction is inside any region
-
-
-class AnnotationError(ValueError):
-    """An annotation (or one of its results) cannot be turned into masks; the message says why."""
 
 
 # ----------------------------------------------------------------------------------- arithmetic
@@ -230,83 +227,6 @@ def contribution_from_masks(embedding: ImageEmbedding, masks: Mapping[str, np.nd
         if idx.numel():
             out.labels[BACKGROUND_KEY] = LabelSum(int(idx.numel()), _fixed(tokens[idx].double().sum(dim=0)))
     return out
-
-
-def _region_size(result: Mapping, fallback: tuple[int, int] | None) -> tuple[int, int]:
-    try:
-        height, width = int(result["original_height"]), int(result["original_width"])
-    except (KeyError, TypeError, ValueError):
-        if fallback is None:
-            raise AnnotationError("no original_width/original_height") from None
-        height, width = fallback
-    if height <= 0 or width <= 0 or height * width > 200_000_000:
-        raise AnnotationError(f"bad size {width}x{height}")
-    return height, width
-
-
-def _polygon_mask(points: Any, height: int, width: int) -> np.ndarray:
-    if not isinstance(points, list) or len(points) < 3:
-        raise AnnotationError("a polygon needs at least 3 points")
-    xy = []
-    for pt in points:
-        if not (isinstance(pt, (list, tuple)) and len(pt) >= 2):
-            raise AnnotationError(f"polygon point {pt!r} is not [x, y]")
-        x, y = float(pt[0]), float(pt[1])
-        if not (math.isfinite(x) and math.isfinite(y)):
-            raise AnnotationError("polygon point is not finite")
-        xy.append((x / 100.0 * width, y / 100.0 * height))
-    img = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(img).polygon(xy, fill=255)
-    return np.asarray(img) > 0
-
-
-def result_masks(results: Iterable[Mapping], to_name: str, size: tuple[int, int] | None = None
-                 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Masks per label of the ``brushlabels`` (RLE) and ``polygonlabels`` results on ``to_name``.
-
-    Masks of one label are OR-ed (resized to the first one's size when they differ). A result
-    that cannot be decoded is skipped; the second item says why, one line per result.
-
-    Args:
-        results: an annotation's ``result`` list.
-        to_name: the ``<Image>`` the results must be drawn on.
-        size: ``(H, W)`` used when a polygon carries no ``original_width``/``original_height``.
-    """
-    masks: dict[str, np.ndarray] = {}
-    problems: list[str] = []
-    for i, result in enumerate(results):
-        if not isinstance(result, Mapping) or result.get("to_name") != to_name:
-            continue
-        kind = result.get("type")
-        if kind not in ("brushlabels", "polygonlabels"):
-            continue
-        value = result.get("value")
-        try:
-            if not isinstance(value, Mapping):
-                raise AnnotationError("no value object")
-            labels = value.get(kind)
-            if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-                raise AnnotationError(f"no {kind} label list")
-            height, width = _region_size(result, size)
-            if kind == "brushlabels":
-                if value.get("format", "rle") != "rle" or not isinstance(value.get("rle"), list):
-                    raise AnnotationError("brush value is not RLE")
-                try:
-                    mask = rle2mask(value["rle"], height, width) >= 128
-                except ValueError as err:
-                    raise AnnotationError(f"bad RLE: {err}") from None
-            else:
-                mask = _polygon_mask(value.get("points"), height, width)
-        except (AnnotationError, TypeError, ValueError) as err:
-            problems.append(f"result {i} ({kind}, id {result.get('id')}): {err}")
-            continue
-        for label in labels:
-            prev = masks.get(label)
-            if prev is not None and prev.shape != mask.shape:
-                size = (prev.shape[1], prev.shape[0])
-                mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-            masks[label] = mask if prev is None else (prev | mask)
-    return masks, problems
 
 
 # ----------------------------------------------------------------------------------- use
@@ -665,7 +585,7 @@ def contribution_for_annotation(service, spec, task: Mapping, annotation: Mappin
     seg = spec.segmentation
     predictor = None
     names = sorted({r.get("to_name") for r in results if isinstance(r, Mapping)
-                    and r.get("type") in ("brushlabels", "polygonlabels")}, key=str)
+                    and r.get("type") in LEARN_KINDS}, key=str)
     for to_name in names:
         key = images.get(to_name)
         url = data.get(key) if key else None
@@ -675,7 +595,7 @@ def contribution_for_annotation(service, spec, task: Mapping, annotation: Mappin
         if predictor is None:
             predictor = service.predictor(seg)
         embedding = service.image_embedding(predictor, url, task.get("id"), seg)
-        masks, bad = result_masks(results, to_name, tuple(embedding.original_size))
+        masks, bad = result_masks(results, to_name, tuple(embedding.original_size), kinds=LEARN_KINDS)
         problems.extend(bad)
         out.add(contribution_from_masks(embedding, masks))
     return out, problems

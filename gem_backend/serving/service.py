@@ -23,9 +23,10 @@ import torch
 from .feature_cache import EmbeddingCache, embedding_key, image_namespace
 from ..labelstudio.images import ImageError, ImageFetcher, decode_image, original_size
 from ..labelstudio.interactive import InteractiveContext, parse_context, select_region
-from ..labelstudio.spec import BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget, TextPromptTarget, match_label, parse_labeling_config
+from ..labelstudio.spec import BitmaskTarget, BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget, TextPromptTarget, match_label, parse_labeling_config
 from ..labelstudio.brush import stretched_label_rles
-from ..labelstudio.results import brush_region, brush_region_from_rle, choices_region, polygon_region, prediction, rectangle_region
+from ..labelstudio.bitmask import label_pngs
+from ..labelstudio.results import bitmask_region, bitmask_region_from_png, brush_region, brush_region_from_rle, choices_region, polygon_region, prediction, rectangle_region
 from .metrics import Metrics
 from ..algorithm.geometry import bounding_boxes, component_means, connected_components, mask_polygons, to_percent
 from ..algorithm.segmentation import (BACKGROUND_KEY, GEMPredictor, ImageEmbedding, Segmentation, SegmentationSettings,
@@ -550,7 +551,7 @@ class GEMService:
     def predict_interactive(self, task: Mapping, spec: ProjectSpec, ctx: InteractiveContext) -> dict:
         """The object the annotator's clicks/boxes designate, as one prediction on the output
         control of that image: the control the clicks were drawn on when it is one, else the
-        first BrushLabels, else PolygonLabels, else RectangleLabels. Cheap after the first
+        first BrushLabels, else BitmaskLabels, else PolygonLabels, else RectangleLabels. Cheap after the first
         call on an image: its GEM features come from the cache."""
         target = self._interactive_target(spec, ctx)
         if target is None:
@@ -579,6 +580,9 @@ class GEMService:
             # the full-size mask is never built: its RLE comes from the small one
             stretch = (nearest_indices(small.shape[0], height), nearest_indices(small.shape[1], width))
             regions = [brush_region(small, label, target, chosen.score, stretch=stretch)]
+        elif isinstance(target, BitmaskTarget):
+            stretch = (nearest_indices(small.shape[0], height), nearest_indices(small.shape[1], width))
+            regions = [bitmask_region(small, label, target, chosen.score, stretch=stretch)]
         else:
             regions = [region for region, _, _ in
                        self._shapes(small, small.astype(np.float32) * chosen.score, label, target, seg,
@@ -592,7 +596,7 @@ class GEMService:
         for target in shapes:
             if target.from_name == ctx.from_name:
                 return target
-        for kind in (BrushTarget, PolygonTarget, RectangleTarget):
+        for kind in (BrushTarget, BitmaskTarget, PolygonTarget, RectangleTarget):
             for target in shapes:
                 if isinstance(target, kind):
                     return target
@@ -672,6 +676,15 @@ class GEMService:
             return [(brush_region_from_rle(rle, result.original_size, label, target, result.scores[prompt]),
                      result.areas[prompt], result.margins.get(prompt, result.scores[prompt]))
                     for (label, prompt), rle in zip(kept, rles)]
+        if isinstance(target, BitmaskTarget):
+            kept = [(label, prompt) for label, prompt in present
+                    if target.score_threshold is None or result.scores[prompt] >= target.score_threshold]
+            # every label's PNG from the map at the model input size: no full-size array
+            pngs = label_pngs(result.input_map, [result.labels.index(p) + 1 for _, p in kept],
+                              result.rows, result.cols)
+            return [(bitmask_region_from_png(png, result.original_size, label, target, result.scores[prompt]),
+                     result.areas[prompt], result.margins.get(prompt, result.scores[prompt]))
+                    for (label, prompt), png in zip(kept, pngs)]
         for label, prompt in present:
             out.extend(self._shapes(result.small_mask(prompt), result.confidence, label, target, segmentation,
                                     result.original_size, margin=result.margin))
