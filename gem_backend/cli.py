@@ -3,6 +3,7 @@
     gem-backend predict IMAGE... --labels cat dog [--out DIR]   masks, overlay, Label Studio JSON
     gem-backend serve [--port 9090]                              the ML backend (gunicorn)
     gem-backend eval --dataset voc21 --root DIR [--protocol gem]  mIoU on a benchmark (EVALUATION.md)
+    gem-backend eval --project ID --out DIR [--sweep ...] [--apply]  on a project's own annotations
     gem-backend prelabel --project ID [--queue [--wait]]         pre-annotate a whole project via the API
     gem-backend worker                                           run queued pre-labeling jobs (REDIS_URL)
     gem-backend refine-proxy --root DIR                          PAMR on ground-truth patch maps (EVALUATION.md)
@@ -169,8 +170,8 @@ def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="mIoU on a public segmentation benchmark (see EVALUATION.md)",
                        description="Evaluate GEM (or vanilla CLIP) on a segmentation benchmark: mIoU, per-class "
                                    "IoU and pixel accuracy as JSON and markdown; resumable; see EVALUATION.md.")
-    p.add_argument("--dataset", required=True, choices=dataset_names())
-    p.add_argument("--root", required=True, help="dataset folder, in the layout of its public download")
+    p.add_argument("--dataset", choices=dataset_names())
+    p.add_argument("--root", help="dataset folder, in the layout of its public download")
     p.add_argument("--protocol", default="gem", choices=PROTOCOLS,
                    help="gem: 448x448 one pass, one template (the paper); sclip: short side 336/448/560, "
                         "slide 224/112, 80 templates, per-dataset logit scale and threshold; clearclip: "
@@ -209,6 +210,9 @@ def _add_eval_parser(sub) -> None:
     k.add_argument("--class-names", metavar="FILE", help="one line per class, synonyms separated by commas")
     k.add_argument("--oi-score", choices=OI_SCORES, help="OpenImages point score (default minmax)")
     k.add_argument("--oi-threshold", type=float, help="OpenImages: positive above this score (default 0.5)")
+    from .evaluation.project import add_project_flags
+
+    add_project_flags(p)
     a = p.add_argument_group("active-learning loop (instead of the plain evaluation; see EVALUATION.md)")
     a.add_argument("--active-learning", nargs="?", const="1,2,4,8", metavar="K,K,...",
                    help="for each k: accept the ground truth of the first k images as annotations, learn the "
@@ -224,6 +228,15 @@ def _add_eval_parser(sub) -> None:
 
 def cmd_eval(args) -> int:
     import dataclasses
+
+    if args.project is not None:
+        from .evaluation.project import cmd_eval_project
+
+        return cmd_eval_project(args)
+    if not args.dataset or not args.root:
+        print("gem-backend eval: give --dataset and --root (a benchmark), or --project ID (a Label Studio project)",
+              file=sys.stderr)
+        return 2
 
     from .evaluation.datasets import DatasetError, read_class_names
     from .evaluation.harness import (EvalConfig, EvalError, parse_variants, protocol_for, run_active_learning,

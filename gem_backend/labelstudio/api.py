@@ -3,7 +3,7 @@
 Label Studio API calls used (1.23): ``GET /api/projects/{id}``, ``GET /api/ml?project={id}``,
 ``GET /api/tasks`` (Data Manager list, paginated, ``fields=task_only``),
 ``GET /api/predictions?task={id}``, ``GET /api/tasks/{id}/annotations/``,
-``POST /api/projects/{id}/import/predictions``, ``POST /api/predictions``.
+``POST /api/projects/{id}/import/predictions``, ``POST /api/predictions``, ``PATCH /api/ml/{id}``.
 """
 
 from __future__ import annotations
@@ -147,6 +147,16 @@ class LabelStudioAPI:
             "type": "List", "value": [model_version]}]}}
         return {int(t["id"]) for t in self.iter_tasks(project, query=query)}
 
+    def iter_annotated_tasks(self, project: int) -> Iterator[dict]:
+        """The project's tasks holding at least one annotation (``{"id", "data", ...}``)."""
+        query = {"filters": {"conjunction": "and", "items": [{
+            "filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]}}
+        yield from self.iter_tasks(project, query=query)
+
+    def task_annotations(self, task: int) -> list[dict]:
+        body = self.request("GET", f"/api/tasks/{task}/annotations/")
+        return body if isinstance(body, list) else (body or {}).get("results", [])
+
     def task_predictions(self, task: int) -> list[dict]:
         body = self.request("GET", "/api/predictions", params={"task": task})
         return body if isinstance(body, list) else (body or {}).get("results", [])
@@ -173,3 +183,14 @@ class LabelStudioAPI:
 
     def create_prediction(self, prediction: dict) -> dict:
         return self.request("POST", "/api/predictions", body=prediction)
+
+    @staticmethod
+    def ml_backend_update(backend: Mapping, extra_params: Mapping) -> dict:
+        """The body of :meth:`update_ml_backend`: Label Studio 1.23 answers a PATCH of
+        ``extra_params`` alone with a 500, so ``url`` and ``project`` go with it."""
+        return {"url": backend.get("url"), "project": backend.get("project"), "extra_params": dict(extra_params)}
+
+    def update_ml_backend(self, backend: Mapping, extra_params: Mapping) -> dict:
+        """Write ``extra_params`` into a connected ML backend (``backend``: an item of
+        :meth:`ml_backends`); Label Studio then calls the backend's ``/setup`` with them."""
+        return self.request("PATCH", f"/api/ml/{backend['id']}", body=self.ml_backend_update(backend, extra_params))
