@@ -49,7 +49,7 @@ from ..serving.service import GEMService, RequestError, task_problem
 from ..settings import SettingsError, parse_extra_params
 
 __all__ = ["add_project_flags", "cmd_eval_project", "ProjectEvalConfig", "ProjectEvalError", "Variant", "RASTER_KINDS", "SMALL_SAMPLE", "choose_annotation",
-           "decode_bitmask", "parse_compare", "parse_sweeps", "rasterise", "run_project_eval"]
+           "decode_bitmask", "fill_polygon", "parse_compare", "parse_sweeps", "rasterise", "run_project_eval"]
 
 # result types turned into label maps
 RASTER_KINDS = ("brushlabels", "polygonlabels", "bitmasklabels")
@@ -81,13 +81,8 @@ def _region_mask(result: Mapping, kind: str, size: tuple[int, int]) -> np.ndarra
     height, width = size
     value = result.get("value") or {}
     if kind == "polygonlabels":
-        points = value.get("points") or []
-        canvas = Image.new("1", (width, height), 0)
-        if len(points) >= 3:
-            # percent of the image -> pixel corners; PIL fills by pixel centres (integer coordinates)
-            xy = [(float(x) * width / 100.0 - 0.5, float(y) * height / 100.0 - 0.5) for x, y in points]
-            ImageDraw.Draw(canvas).polygon(xy, fill=1)
-        return np.asarray(canvas, dtype=bool)
+        points = np.asarray(value.get("points") or [], dtype=np.float64).reshape(-1, 2)
+        return fill_polygon(points * [width / 100.0, height / 100.0], size)
     own = (int(result.get("original_height") or height), int(result.get("original_width") or width))
     if kind == "brushlabels":
         if value.get("format", "rle") != "rle":
@@ -98,6 +93,29 @@ def _region_mask(result: Mapping, kind: str, size: tuple[int, int]) -> np.ndarra
     if mask.shape != tuple(size):
         mask = resize_nearest(mask.astype(np.uint16), size).astype(bool)
     return mask
+
+
+def fill_polygon(xy: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` bool: the pixels whose centre lies inside the polygon ``xy`` (``[N, 2]``
+    pixel-corner coordinates ``(x, y)``), by the even-odd rule, so the zero-width cuts that
+    join a hole to its outline leave the hole empty."""
+    height, width = size
+    out = np.zeros((height, width), bool)
+    if len(xy) < 3:
+        return out
+    x0, y0 = xy[:, 0], xy[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    rows = np.arange(height)[:, None] + 0.5
+    crosses = (y0[None] <= rows) != (y1[None] <= rows)  # [H, E]: half-open, so a vertex counts once
+    r, e = np.nonzero(crosses)
+    if not r.size:
+        return out
+    x = x0[e] + (rows[r, 0] - y0[e]) * (x1[e] - x0[e]) / (y1[e] - y0[e])
+    # each crossing toggles the pixels whose centre is right of it
+    start = np.clip(np.ceil(x - 0.5), 0, width).astype(np.int64)
+    toggles = np.zeros((height, width + 1), np.int64)
+    np.add.at(toggles, (r, start), 1)
+    return (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
 
 
 def rasterise(results: Iterable[Mapping], from_name: str, labels: Sequence[str], size: tuple[int, int]) -> np.ndarray:
