@@ -122,6 +122,20 @@ def test_label_model_score_threshold_and_extra_params_enter_the_decision_and_ver
     assert np.array_equal(high.input_map == 0, low_conf) and np.array_equal(high.input_map == 2, base.input_map == 2)
 
 
+def test_label_thresholds_reach_the_prompt_a_label_is_predicted_with():
+    from gem_backend.algorithm.segmentation import SegmentationSettings
+    from gem_backend.serving.service import prompt_thresholds
+    from gem_backend.settings import Settings, SettingsError
+
+    seg = SegmentationSettings(label_thresholds={"Cat": 0.4, "dog": 0.7})
+    # label "Cat" predicted with the prompt "tabby cat" (predicted_values); "dog" named by its prompt
+    assert prompt_thresholds(seg, [("Cat", "tabby cat"), ("Dog", "dog"), ("Bird", "bird")]) == {"tabby cat": 0.4,
+                                                                                               "dog": 0.7}
+    assert Settings.from_env({"GEM_LABEL_THRESHOLDS": '{"cat": 0.25}'}).segmentation.label_thresholds == (("cat", 0.25),)
+    with pytest.raises(SettingsError):
+        Settings.from_env({}).segmentation_for({"label_thresholds": {"cat": 1.5}})
+
+
 # ----------------------------------------------------------------------------------- Label Studio
 def _config(labels) -> str:
     items = "".join(f'<Label value="{n}"/>' for n in labels)
@@ -237,8 +251,12 @@ def test_own_predictions_score_one_shuffled_lower_and_ground_truth_only(label_st
     pid, tids, labels, present, gts = voc_project
     service = _service(label_studio.url, loaded)
     _annotate_with(label_studio, service, pid, tids, lambda t: t)
-    own = run_project_eval(ProjectEvalConfig(pid, str(tmp_path / "own"), progress=False, overlays=0), service,
-                           _api(label_studio.url), echo=lambda s: None)["results"]
+    both = run_project_eval(ProjectEvalConfig(pid, str(tmp_path / "own"), progress=False, overlays=0,
+                                              compare="clip+pamr"), service, _api(label_studio.url), echo=lambda s: None)
+    own = both["results"]
+    assert [v["variant"] for v in both["comparison"]["variants"]] == ["current", "clip+pamr"]
+    assert both["comparison"]["variants"][1]["settings"] == {"method": "clip", "refine": "pamr"}
+    assert both["comparison"]["best"]["variant"] == "current" and both["comparison"]["best"]["gain"] == 0
     scored = [c for c in own["per_class"] if c["iou"] is not None]
     assert scored and all(c["iou"] == 100.0 for c in scored), own["per_class"]
     assert own["mIoU"] == 100.0 and all(t["iou"] == 100.0 for t in own["tasks"])
@@ -300,3 +318,16 @@ def test_apply_without_a_connected_backend_exits_non_zero(label_studio, monkeypa
                             "--sweep", "threshold=0.1,0.2", "--apply")
     assert code == 2
     assert "no ML backend connected" in capsys.readouterr().err
+
+
+def test_cli_runs_a_sweep_and_writes_the_contract_files(label_studio, voc_project, monkeypatch, tmp_path, capsys):
+    pid, tids, *_ = voc_project
+    code = _main_in_process(monkeypatch, label_studio.url, "eval", "--project", str(pid), "--out", str(tmp_path / "o"),
+                            "--sweep", "min_area=0,0.5", "--save-predictions", str(tmp_path / "p"), "--no-progress")
+    assert code == 0, capsys.readouterr().err
+    comparison = json.loads((tmp_path / "o" / "comparison.json").read_text())
+    assert [v["variant"] for v in comparison["variants"]] == ["current", "min_area=0.5"]
+    assert set(comparison["best"]) >= {"variant", "settings", "mIoU", "gain"}
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted(
+        [f"{t}.png" for t in tids] + [f"{t}_annotation.png" for t in tids])
+    assert "Best:" in capsys.readouterr().out

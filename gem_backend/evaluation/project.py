@@ -418,6 +418,11 @@ def _run(cfg: ProjectEvalConfig, service: GEMService, api: LabelStudioAPI, echo)
         specs = [service.project(label_config, v.params, project=pid) for v in variants]
     except (SettingsError, RequestError) as err:
         raise ProjectEvalError(f"project {pid}: {err}") from None
+    # variants whose settings come out the same as an earlier one's (same model_version) are dropped
+    kept = {}
+    for variant, spec in zip(variants, specs):
+        kept.setdefault(spec.model_version, (variant, spec))
+    variants, specs = [v for v, _ in kept.values()], [s for _, s in kept.values()]
     if backend is None:
         echo(f"note: project {pid} has no ML backend connected: evaluating this process's GEM_* settings")
     elif backend.get("model_version") and backend["model_version"] != specs[0].model_version:
