@@ -65,6 +65,25 @@ def test_polygon_percent_points_cover_the_pixels_inside():
     assert np.array_equal(got, want)
 
 
+def test_polygons_of_a_mask_with_holes_fill_back_to_it():
+    from gem_backend.algorithm.geometry import mask_polygons
+    from gem_backend.evaluation.project import fill_polygon
+    from test_geometry import rasterize
+
+    rng = np.random.default_rng(1)
+    mask = np.zeros((40, 60), bool)
+    mask[5:35, 5:55] = True
+    mask[12:20, 10:30] = False          # a hole: joined to the outline by a zero-width cut
+    mask |= rng.random(mask.shape) < 0.02
+    polygons = mask_polygons(mask)[0]   # tolerance 0: every pixel corner kept
+    filled = np.zeros_like(mask)
+    for poly in polygons:
+        filled |= fill_polygon(poly.points, mask.shape)
+        # the same pixels as the geometry tests' reference rasteriser
+        assert np.array_equal(fill_polygon(poly.points, mask.shape), rasterize(poly.points, mask.shape))
+    assert np.array_equal(filled, mask)
+
+
 def test_overlap_later_region_wins_other_controls_and_unknown_labels_ignored():
     full = np.ones((8, 8), bool)
     small = np.zeros((8, 8), bool)
