@@ -304,25 +304,6 @@ class _TaskBytes:
         return getattr(self.inner, name)
 
 
-def pick_backend(api: LabelStudioAPI, info: Mapping, project: int, ml_backend: int | None = None) -> dict | None:
-    """The project's connected ML backend (``ml_backend`` picks one by id; with several, the
-    one whose title is the project's ``model_version``), or None when none is connected."""
-    backends = api.ml_backends(project)
-    if ml_backend is not None:
-        found = next((b for b in backends if b.get("id") == ml_backend), None)
-        if found is None:
-            raise ProjectEvalError(f"project {project} has no ML backend {ml_backend}; connected: "
-                                   f"{[b.get('id') for b in backends] or 'none'}")
-        return found
-    if len(backends) <= 1:
-        return backends[0] if backends else None
-    active = [b for b in backends if info.get("model_version") and b.get("title") == info.get("model_version")]
-    if len(active) != 1:
-        raise ProjectEvalError(f"project {project} has {len(backends)} ML backends "
-                               f"({', '.join(str(b.get('id')) for b in backends)}): pick one with --ml-backend ID")
-    return active[0]
-
-
 def _target(spec, control: str | None):
     shapes = [t for t in spec.targets if t.kind in RASTER_KINDS]
     if control is not None:
@@ -405,7 +386,7 @@ def _run(cfg: ProjectEvalConfig, service: GEMService, api: LabelStudioAPI, echo)
     pid = int(cfg.project)
     info = api.project(pid)
     label_config = info.get("label_config") or ""
-    backend = pick_backend(api, info, pid, cfg.ml_backend)
+    backend = api.project_backend(pid, info, cfg.ml_backend)
     variants_asked = bool(cfg.compare or cfg.sweeps)
     if cfg.apply and backend is None:
         raise ProjectEvalError(f"project {pid} has no ML backend connected: --apply has nowhere to write the "

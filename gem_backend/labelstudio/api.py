@@ -105,6 +105,26 @@ class LabelStudioAPI:
         body = self.request("GET", "/api/ml", params={"project": project})
         return body if isinstance(body, list) else (body or {}).get("results", [])
 
+    def project_backend(self, project: int, info: Mapping | None = None, ml_backend: int | None = None) -> dict | None:
+        """The project's connected ML backend, or None when none is: ``ml_backend`` picks one by
+        id; with several, the one whose title is the project's ``model_version`` (``info``: the
+        project, fetched when not given). Raises :class:`LabelStudioError` when that is ambiguous."""
+        backends = self.ml_backends(project)
+        if ml_backend is not None:
+            found = next((b for b in backends if b.get("id") == ml_backend), None)
+            if found is None:
+                raise LabelStudioError(f"project {project} has no ML backend {ml_backend}; connected: "
+                                       f"{[b.get('id') for b in backends] or 'none'}")
+            return found
+        if len(backends) <= 1:
+            return backends[0] if backends else None
+        version = (info if info is not None else self.project(project)).get("model_version")
+        active = [b for b in backends if version and b.get("title") == version]
+        if len(active) != 1:
+            raise LabelStudioError(f"project {project} has {len(backends)} ML backends "
+                                   f"({', '.join(str(b.get('id')) for b in backends)}): pick one with --ml-backend ID")
+        return active[0]
+
     def iter_tasks(self, project: int, *, view: int | None = None, query: Mapping | None = None,
                    page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[dict]:
         """Tasks of the project (or of a Data Manager view / query) in Data Manager order.
