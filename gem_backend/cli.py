@@ -167,9 +167,12 @@ def _add_eval_parser(sub) -> None:
     from .evaluation.datasets import dataset_names
     from .evaluation.harness import METHODS, OI_SCORES, PROTOCOLS, REFINES, RESIZE_MODES
 
-    p = sub.add_parser("eval", help="mIoU on a public segmentation benchmark (see EVALUATION.md)",
+    p = sub.add_parser("eval", help="mIoU on a public segmentation benchmark or on a Label Studio project's "
+                                    "annotations (see EVALUATION.md)",
                        description="Evaluate GEM (or vanilla CLIP) on a segmentation benchmark: mIoU, per-class "
-                                   "IoU and pixel accuracy as JSON and markdown; resumable; see EVALUATION.md.")
+                                   "IoU and pixel accuracy as JSON and markdown; resumable; see EVALUATION.md. "
+                                   "With --project ID instead: the pre-annotations against the project's own "
+                                   "annotations, variants and sweeps of the settings, --apply the best.")
     p.add_argument("--dataset", choices=dataset_names())
     p.add_argument("--root", help="dataset folder, in the layout of its public download")
     p.add_argument("--protocol", default="gem", choices=PROTOCOLS,

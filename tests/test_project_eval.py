@@ -291,7 +291,7 @@ def test_own_predictions_score_one_shuffled_lower_and_ground_truth_only(label_st
 
 
 def test_sweep_finds_the_planted_threshold_on_cached_features_and_apply(label_studio, voc_project, loaded, tmp_path,
-                                                                     connected_backend, monkeypatch):
+                                                                     connected_backend, monkeypatch, redis_url):
     from gem_backend.algorithm.segmentation import GEMPredictor
 
     pid, tids, labels, present, gts = voc_project
@@ -319,7 +319,11 @@ def test_sweep_finds_the_planted_threshold_on_cached_features_and_apply(label_st
     assert json.loads(json.dumps(label_studio.req("GET", f"/api/ml/{ml['id']}")["extra_params"])) in ('{"threshold": 0}', {"threshold": 0})
     # applied: Label Studio holds it, and the backend's next /predict uses it
     run_project_eval(ProjectEvalConfig(pid, str(tmp_path / "apply"), sweeps=["threshold=0.2,0.6,0.95"], progress=False,
-                                       overlays=0, apply=True), service, _api(label_studio.url), echo=lambda s: None)
+                                       overlays=0, apply=True), _service(label_studio.url, loaded, REDIS_URL=redis_url),
+                     _api(label_studio.url), echo=lambda s: None)
+    import redis
+
+    assert json.loads(redis.Redis.from_url(redis_url).get(f"gem:project:{pid}:params")) == planted
     stored = label_studio.req("GET", f"/api/ml/{ml['id']}")["extra_params"]
     assert (json.loads(stored) if isinstance(stored, str) else stored) == planted
     task = label_studio.req("GET", f"/api/tasks/{tids[0]}")
