@@ -333,6 +333,16 @@ def test_sweep_finds_the_planted_threshold_on_cached_features_and_apply(label_st
         "tasks": [{"id": task["id"], "data": task["data"]}], "project": f"{pid}.123",
         "label_config": label_studio.req("GET", f"/api/projects/{pid}")["label_config"]}, timeout=120).json()
     assert reply["model_version"] == best["model_version"] != comparison["variants"][0]["model_version"]
+    # a per-label threshold, planted on top of the applied settings, is found by its sweep
+    label = labels[0]
+    planted_label = {**planted, "label_thresholds": {label: 0.8}}
+    _annotate_with(label_studio, service, pid, tids, lambda t: t, planted_label)
+    per_label = run_project_eval(ProjectEvalConfig(pid, str(tmp_path / "label"), sweeps=[f"threshold:{label}=0.7,0.8,0.9"],
+                                                   progress=False, overlays=0), service, _api(label_studio.url),
+                                 echo=lambda s: None)["comparison"]
+    assert per_label["best"]["variant"] == f"threshold:{label}=0.8" and per_label["best"]["mIoU"] == 100.0
+    assert per_label["best"]["settings"] == planted_label
+    assert all(v["mIoU"] < 100.0 for v in per_label["variants"] if v["variant"] != per_label["best"]["variant"])
 
 
 def test_apply_without_a_connected_backend_exits_non_zero(label_studio, monkeypatch, tmp_path, capsys):
