@@ -290,6 +290,21 @@ def test_own_predictions_score_one_shuffled_lower_and_ground_truth_only(label_st
     assert gt_only["ground_truth_only"] and gt_only["mIoU"] != shuffled["mIoU"]
 
 
+def _backend_with(label_studio, pid: int, url: str, params: dict) -> dict:
+    """The project's ML backend (connected now if none is) holding ``params`` as extra_params."""
+    api = _api(label_studio.url)
+    backend = api.project_backend(pid)
+    if backend is None:
+        return _connect(label_studio, pid, url, params)
+    api.update_ml_backend(backend, params)
+    return backend
+
+
+def _extra_params(label_studio, backend: dict) -> dict:
+    stored = label_studio.req("GET", f"/api/ml/{backend['id']}")["extra_params"]
+    return json.loads(stored) if isinstance(stored, str) else stored
+
+
 def test_sweep_finds_the_planted_threshold_on_cached_features_and_apply(label_studio, voc_project, loaded, tmp_path,
                                                                      connected_backend, monkeypatch, redis_url):
     from gem_backend.algorithm.segmentation import GEMPredictor
@@ -297,15 +312,15 @@ def test_sweep_finds_the_planted_threshold_on_cached_features_and_apply(label_st
     pid, tids, labels, present, gts = voc_project
     planted = {"threshold": 0.6}
     _annotate_with(label_studio, _service(label_studio.url, loaded), pid, tids, lambda t: t, planted)
-    ml = _connect(label_studio, pid, connected_backend, {"threshold": 0})
+    ml = _backend_with(label_studio, pid, connected_backend, {"threshold": 0})
     calls = []
     real = GEMPredictor.embed_batch
     monkeypatch.setattr(GEMPredictor, "embed_batch", lambda self, x, sizes: calls.append(len(sizes)) or real(self, x, sizes))
-    service = _service(label_studio.url, loaded)  # a cold feature cache
+    service = _service(label_studio.url, loaded, REDIS_URL=redis_url)  # a cold feature cache
     cfg = ProjectEvalConfig(pid, str(tmp_path / "sweep"), sweeps=["threshold=0.2,0.6,0.95"], progress=False,
-                            overlays=0, apply=True, dry_run=True)
+                            overlays=0, apply=True)
     lines = []
-    out = run_project_eval(cfg, service, _api(label_studio.url), echo=lines.append)
+    run_project_eval(cfg, service, _api(label_studio.url), echo=lines.append)
     assert sum(calls) == len(tids), f"image tower ran {sum(calls)} times for {len(tids)} images and 4 variants"
     comparison = json.loads((tmp_path / "sweep" / "comparison.json").read_text())
     assert [v["variant"] for v in comparison["variants"]] == ["current", "threshold=0.2", "threshold=0.6",
@@ -314,18 +329,11 @@ def test_sweep_finds_the_planted_threshold_on_cached_features_and_apply(label_st
     assert best["variant"] == "threshold=0.6" and best["mIoU"] == 100.0 and best["settings"] == planted
     assert best["gain"] > 0 and all(v["mIoU"] < 100.0 for v in comparison["variants"] if v["variant"] != best["variant"])
     assert comparison["small_sample"] and any("Small sample" in line for line in lines)
-    # dry run: the body printed, nothing written
-    assert out["applied"]["body"] == {"url": connected_backend, "project": pid, "extra_params": planted}
-    assert json.loads(json.dumps(label_studio.req("GET", f"/api/ml/{ml['id']}")["extra_params"])) in ('{"threshold": 0}', {"threshold": 0})
-    # applied: Label Studio holds it, and the backend's next /predict uses it
-    run_project_eval(ProjectEvalConfig(pid, str(tmp_path / "apply"), sweeps=["threshold=0.2,0.6,0.95"], progress=False,
-                                       overlays=0, apply=True), _service(label_studio.url, loaded, REDIS_URL=redis_url),
-                     _api(label_studio.url), echo=lambda s: None)
+    # applied: Label Studio and the backend's Redis store hold it, and the backend's next /predict uses it
     import redis
 
     assert json.loads(redis.Redis.from_url(redis_url).get(f"gem:project:{pid}:params")) == planted
-    stored = label_studio.req("GET", f"/api/ml/{ml['id']}")["extra_params"]
-    assert (json.loads(stored) if isinstance(stored, str) else stored) == planted
+    assert _extra_params(label_studio, ml) == planted
     task = label_studio.req("GET", f"/api/tasks/{tids[0]}")
     s = requests.Session()
     s.trust_env = False
@@ -333,16 +341,27 @@ def test_sweep_finds_the_planted_threshold_on_cached_features_and_apply(label_st
         "tasks": [{"id": task["id"], "data": task["data"]}], "project": f"{pid}.123",
         "label_config": label_studio.req("GET", f"/api/projects/{pid}")["label_config"]}, timeout=120).json()
     assert reply["model_version"] == best["model_version"] != comparison["variants"][0]["model_version"]
-    # a per-label threshold, planted on top of the applied settings, is found by its sweep
+
+
+def test_sweep_finds_a_planted_label_threshold_and_dry_run_writes_nothing(label_studio, voc_project, loaded, tmp_path,
+                                                                         connected_backend):
+    pid, tids, labels, present, gts = voc_project
+    current = {"threshold": 0.6}
+    ml = _backend_with(label_studio, pid, connected_backend, current)
     label = labels[0]
-    planted_label = {**planted, "label_thresholds": {label: 0.8}}
-    _annotate_with(label_studio, service, pid, tids, lambda t: t, planted_label)
-    per_label = run_project_eval(ProjectEvalConfig(pid, str(tmp_path / "label"), sweeps=[f"threshold:{label}=0.7,0.8,0.9"],
-                                                   progress=False, overlays=0), service, _api(label_studio.url),
-                                 echo=lambda s: None)["comparison"]
-    assert per_label["best"]["variant"] == f"threshold:{label}=0.8" and per_label["best"]["mIoU"] == 100.0
-    assert per_label["best"]["settings"] == planted_label
-    assert all(v["mIoU"] < 100.0 for v in per_label["variants"] if v["variant"] != per_label["best"]["variant"])
+    planted = {**current, "label_thresholds": {label: 0.8}}
+    service = _service(label_studio.url, loaded)
+    _annotate_with(label_studio, service, pid, tids, lambda t: t, planted)
+    out = run_project_eval(ProjectEvalConfig(pid, str(tmp_path / "label"), sweeps=[f"threshold:{label}=0.7,0.8,0.9"],
+                                             progress=False, overlays=0, apply=True, dry_run=True),
+                           service, _api(label_studio.url), echo=lambda s: None)
+    comparison = out["comparison"]
+    assert comparison["best"]["variant"] == f"threshold:{label}=0.8" and comparison["best"]["mIoU"] == 100.0
+    assert comparison["best"]["settings"] == planted
+    assert all(v["mIoU"] < 100.0 for v in comparison["variants"] if v["variant"] != comparison["best"]["variant"])
+    # dry run: the body it would send, nothing written
+    assert out["applied"]["body"] == {"url": connected_backend, "project": pid, "extra_params": planted}
+    assert _extra_params(label_studio, ml) == current
 
 
 def test_apply_without_a_connected_backend_exits_non_zero(label_studio, monkeypatch, tmp_path, capsys):
