@@ -3,6 +3,7 @@
     gem-backend predict IMAGE... --labels cat dog [--out DIR]   masks, overlay, Label Studio JSON
     gem-backend serve [--port 9090]                              the ML backend (gunicorn)
     gem-backend eval --dataset voc21 --root DIR [--protocol gem]  mIoU on a benchmark (EVALUATION.md)
+    gem-backend eval --project ID --out DIR [--sweep ...] [--apply]  on a project's own annotations
     gem-backend prelabel --project ID [--queue [--wait]]         pre-annotate a whole project via the API
     gem-backend worker                                           run queued pre-labeling jobs (REDIS_URL)
     gem-backend refine-proxy --root DIR                          PAMR on ground-truth patch maps (EVALUATION.md)
@@ -166,9 +167,12 @@ def _add_eval_parser(sub) -> None:
     from .evaluation.datasets import dataset_names
     from .evaluation.harness import METHODS, OI_SCORES, PROTOCOLS, REFINES, RESIZE_MODES
 
-    p = sub.add_parser("eval", help="mIoU on a public segmentation benchmark (see EVALUATION.md)",
+    p = sub.add_parser("eval", help="mIoU on a public segmentation benchmark or on a Label Studio project's "
+                                    "annotations (see EVALUATION.md)",
                        description="Evaluate GEM (or vanilla CLIP) on a segmentation benchmark: mIoU, per-class "
-                                   "IoU and pixel accuracy as JSON and markdown; resumable; see EVALUATION.md.")
+                                   "IoU and pixel accuracy as JSON and markdown; resumable; see EVALUATION.md. "
+                                   "With --project ID instead: the pre-annotations against the project's own "
+                                   "annotations, variants and sweeps of the settings, --apply the best.")
     p.add_argument("--dataset", choices=dataset_names(), help="the benchmark (required unless --project)")
     p.add_argument("--root", help="dataset folder, in the layout of its public download (required with --dataset)")
     p.add_argument("--protocol", default="gem", choices=PROTOCOLS,
@@ -210,6 +214,9 @@ def _add_eval_parser(sub) -> None:
     k.add_argument("--class-names", metavar="FILE", help="one line per class, synonyms separated by commas")
     k.add_argument("--oi-score", choices=OI_SCORES, help="OpenImages point score (default minmax)")
     k.add_argument("--oi-threshold", type=float, help="OpenImages: positive above this score (default 0.5)")
+    from .evaluation.project import add_project_flags
+
+    add_project_flags(p)
     a = p.add_argument_group("active-learning loop (instead of the plain evaluation; see EVALUATION.md)")
     a.add_argument("--active-learning", nargs="?", const="1,2,4,8", metavar="K,K,...",
                    help="for each k: accept the ground truth of the first k images as annotations, learn the "
@@ -221,7 +228,6 @@ def _add_eval_parser(sub) -> None:
                    help="n_min: images holding a class before its prototype is used "
                         "(GEM_PROTOTYPE_MIN_ANNOTATIONS, default 2)")
     # agreement over time: figures the backend recorded from annotation webhooks
-    p.add_argument("--project", help="Label Studio project id")
     p.add_argument("--agreement", action="store_true",
                    help="with --project: print the project's running agreement figures (IoU between annotations "
                         "and this backend's predictions) from the backend's store (REDIS_URL, else GEM_STATE_DIR)")
@@ -253,8 +259,13 @@ def cmd_eval(args) -> int:
 
     if args.agreement:
         return cmd_agreement(args)
+    if args.project is not None:
+        from .evaluation.project import cmd_eval_project
+
+        return cmd_eval_project(args)
     if not args.dataset or not args.root:
-        print("gem-backend eval: --dataset and --root are required", file=sys.stderr)
+        print("gem-backend eval: give --dataset and --root (a benchmark), or --project ID (a Label Studio project)",
+              file=sys.stderr)
         return 2
 
     from .evaluation.datasets import DatasetError, read_class_names

@@ -135,6 +135,26 @@ def _parse_ints(value: str | list | tuple) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _parse_label_thresholds(value: str | Mapping) -> tuple[tuple[str, float], ...]:
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not a JSON object: {err.msg}") from None
+    if not isinstance(value, Mapping):
+        raise ValueError("must be a JSON object of label -> threshold, e.g. {\"cat\": 0.4}")
+    out = {}
+    for label, raw in value.items():
+        if isinstance(raw, bool):
+            raise ValueError(f"{label!r}: not a number: {raw!r}")
+        number = float(raw)
+        if not 0.0 <= number < 1.0:
+            raise ValueError(f"{label!r}: threshold must be in [0, 1), got {raw!r}")
+        out[str(label)] = number
+    return tuple(sorted(out.items()))
+
+
 # Segmentation fields overridable per project: extra_params key -> (env name, parser)
 _SEG_FIELDS: dict[str, tuple[str, Any]] = {
     "input_size": ("GEM_INPUT_SIZE", int),
@@ -159,6 +179,7 @@ _SEG_FIELDS: dict[str, tuple[str, Any]] = {
     "window": ("GEM_WINDOW", int),
     "window_stride": ("GEM_WINDOW_STRIDE", int),
     "window_short_side": ("GEM_WINDOW_SHORT_SIDE", int),
+    "label_thresholds": ("GEM_LABEL_THRESHOLDS", _parse_label_thresholds),
 }
 
 
@@ -374,6 +395,8 @@ def _versioned(seg: SegmentationSettings) -> dict:
             out.pop(key)
     if "method_options" in out:
         out["method_options"] = dict(seg.method_options)
+    if "label_thresholds" in out:
+        out["label_thresholds"] = dict(seg.label_thresholds)
     return out
 
 
@@ -381,7 +404,7 @@ def _versioned(seg: SegmentationSettings) -> dict:
 _LATER_SEG_DEFAULTS = {key: getattr(SegmentationSettings(), key) for key in (
     "polygon_tolerance", "score", "prototypes", "prototype_strength", "prototype_min_annotations", "method",
     "method_options", "refine", "refine_iterations", "refine_dilations", "windows_above", "window", "window_stride",
-    "window_short_side")}
+    "window_short_side", "label_thresholds")}
 
 
 def parse_extra_params(extra_params: str | Mapping | None) -> dict:

@@ -85,6 +85,9 @@ class SegmentationSettings:
         window_stride: step between windows, in pixels (a multiple of the patch).
         window_short_side: the largest short side of the working size (the image is never
             enlarged; the long side follows the aspect ratio, both rounded to the patch).
+        label_thresholds: per-label ``threshold`` as sorted ``(label, value)`` pairs (a dict is
+            accepted): a pixel whose winner is that label is background when the winning
+            probability is under the label's value (instead of ``threshold``).
     """
 
     input_size: int = 448
@@ -109,6 +112,7 @@ class SegmentationSettings:
     window: int = 448
     window_stride: int = 224
     window_short_side: int = 1344
+    label_thresholds: tuple[tuple[str, float], ...] = ()
 
     @property
     def decode_short_side(self) -> int:
@@ -139,6 +143,10 @@ class SegmentationSettings:
                              f"{self.window_stride}")
         if self.window_short_side < self.window:
             raise ValueError(f"window_short_side must be >= window ({self.window}), got {self.window_short_side}")
+        pairs = dict(self.label_thresholds)
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0 for v in pairs.values()):
+            raise ValueError(f"label_thresholds values must be in [0, 1), got {pairs!r}")
+        object.__setattr__(self, "label_thresholds", tuple(sorted((str(k), float(v)) for k, v in pairs.items())))
         if self.input_size < 16:
             raise ValueError(f"input_size must be >= 16, got {self.input_size}")
         if self.max_long_side < self.input_size:
@@ -474,13 +482,16 @@ class GEMPredictor:
         return torch.softmax(sim.mul_(self.settings.logit_scale), dim=0)  # in place: sim is ours
 
     def predict(self, labels: Sequence[str], embedding: ImageEmbedding | None = None,
-                prototypes: Mapping[str, tuple] | None = None) -> Segmentation:
+                prototypes: Mapping[str, tuple] | None = None,
+                thresholds: Mapping[str, float] | None = None) -> Segmentation:
         """Masks of ``labels`` on the image given to :meth:`set_image`.
 
         Args:
             labels: ``C`` label prompts (distinct).
             prototypes: optional ``{prompt: (unit vector, weight)}`` blended into the text
                 embeddings (:func:`blend_prototypes`).
+            thresholds: per-prompt thresholds replacing ``settings.threshold`` for the pixels
+                that prompt wins; default ``settings.label_thresholds``.
         Returns:
             a :class:`Segmentation` at the original image size.
         """
@@ -494,7 +505,14 @@ class GEMPredictor:
         winner, best, second = self._decide(labels, emb, prototypes)
         margin = best - second
         n = len(labels)
-        small = np.where((winner < n) & (best >= self.settings.threshold), winner + 1, 0).astype(np.uint16)
+        per_label = dict(self.settings.label_thresholds if thresholds is None else thresholds)
+        if per_label:
+            # the winner's own threshold; background-prompt winners (index >= n) are background anyway
+            table = np.array([per_label.get(lab, self.settings.threshold) for lab in labels] + [1.0], np.float32)
+            cut = table[np.minimum(winner, n)]
+        else:
+            cut = self.settings.threshold
+        small = np.where((winner < n) & (best >= cut), winner + 1, 0).astype(np.uint16)
 
         scores, areas, margins = {}, {}, {}
         h, w = small.shape

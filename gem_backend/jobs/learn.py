@@ -63,14 +63,11 @@ class LearnSummary:
 
 def iter_annotated_tasks(api, project: int) -> Iterator[dict]:
     """The project's tasks holding at least one annotation (``{"id", "data", ...}``)."""
-    query = {"filters": {"conjunction": "and", "items": [{
-        "filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]}}
-    yield from api.iter_tasks(project, query=query)
+    yield from api.iter_annotated_tasks(project)
 
 
 def task_annotations(api, task: int) -> list[dict]:
-    body = api.request("GET", f"/api/tasks/{task}/annotations/")
-    return body if isinstance(body, list) else (body or {}).get("results", [])
+    return api.task_annotations(task)
 
 
 def learn_project(service: GEMService, api, project: int, *, extra_params: Any = None, ml_backend: int | None = None,

@@ -164,21 +164,12 @@ def resolve_target(api: LabelStudioAPI, service: GEMService, project: int, *,
         # the Data Manager list then asks the backend for every listed task without a prediction
         notes.append(f"note: project {project} retrieves predictions automatically when tasks are listed; "
                      f"turn that off during a bulk run, or listing waits for the backend")
-    backend = None
-    backends = api.ml_backends(project)
-    if ml_backend is not None:
-        backend = next((b for b in backends if b.get("id") == ml_backend), None)
-        if backend is None:
-            raise PrelabelError(f"project {project} has no ML backend {ml_backend}; connected: "
-                                f"{[b.get('id') for b in backends] or 'none'}")
-    elif len(backends) == 1:
-        backend = backends[0]
-    elif backends:
-        active = [b for b in backends if info.get("model_version") and b.get("title") == info.get("model_version")]
-        if len(active) != 1:
-            raise PrelabelError(f"project {project} has {len(backends)} ML backends "
-                                f"({', '.join(str(b.get('id')) for b in backends)}): pick one with --ml-backend ID")
-        backend = active[0]
+    try:
+        backend = api.project_backend(project, info, ml_backend)
+    except LabelStudioError as err:
+        if err.status is not None:  # an API failure, not an ambiguous choice
+            raise
+        raise PrelabelError(str(err)) from None
     if extra_params is None:
         raw = backend.get("extra_params") if backend else None
         if backend is None:

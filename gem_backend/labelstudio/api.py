@@ -3,7 +3,7 @@
 Label Studio API calls used (1.23): ``GET /api/projects/{id}``, ``GET /api/ml?project={id}``,
 ``GET /api/tasks`` (Data Manager list, paginated, ``fields=task_only``),
 ``GET /api/predictions?task={id}``, ``GET /api/tasks/{id}/annotations/``,
-``POST /api/projects/{id}/import/predictions``, ``POST /api/predictions``.
+``POST /api/projects/{id}/import/predictions``, ``POST /api/predictions``, ``PATCH /api/ml/{id}``.
 """
 
 from __future__ import annotations
@@ -105,6 +105,26 @@ class LabelStudioAPI:
         body = self.request("GET", "/api/ml", params={"project": project})
         return body if isinstance(body, list) else (body or {}).get("results", [])
 
+    def project_backend(self, project: int, info: Mapping | None = None, ml_backend: int | None = None) -> dict | None:
+        """The project's connected ML backend, or None when none is: ``ml_backend`` picks one by
+        id; with several, the one whose title is the project's ``model_version`` (``info``: the
+        project, fetched when not given). Raises :class:`LabelStudioError` when that is ambiguous."""
+        backends = self.ml_backends(project)
+        if ml_backend is not None:
+            found = next((b for b in backends if b.get("id") == ml_backend), None)
+            if found is None:
+                raise LabelStudioError(f"project {project} has no ML backend {ml_backend}; connected: "
+                                       f"{[b.get('id') for b in backends] or 'none'}")
+            return found
+        if len(backends) <= 1:
+            return backends[0] if backends else None
+        version = (info if info is not None else self.project(project)).get("model_version")
+        active = [b for b in backends if version and b.get("title") == version]
+        if len(active) != 1:
+            raise LabelStudioError(f"project {project} has {len(backends)} ML backends "
+                                   f"({', '.join(str(b.get('id')) for b in backends)}): pick one with --ml-backend ID")
+        return active[0]
+
     def iter_tasks(self, project: int, *, view: int | None = None, query: Mapping | None = None,
                    page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[dict]:
         """Tasks of the project (or of a Data Manager view / query) in Data Manager order.
@@ -147,6 +167,16 @@ class LabelStudioAPI:
             "type": "List", "value": [model_version]}]}}
         return {int(t["id"]) for t in self.iter_tasks(project, query=query)}
 
+    def iter_annotated_tasks(self, project: int) -> Iterator[dict]:
+        """The project's tasks holding at least one annotation (``{"id", "data", ...}``)."""
+        query = {"filters": {"conjunction": "and", "items": [{
+            "filter": "filter:tasks:total_annotations", "operator": "greater", "type": "Number", "value": 0}]}}
+        yield from self.iter_tasks(project, query=query)
+
+    def task_annotations(self, task: int) -> list[dict]:
+        body = self.request("GET", f"/api/tasks/{task}/annotations/")
+        return body if isinstance(body, list) else (body or {}).get("results", [])
+
     def task_predictions(self, task: int) -> list[dict]:
         body = self.request("GET", "/api/predictions", params={"task": task})
         return body if isinstance(body, list) else (body or {}).get("results", [])
@@ -173,3 +203,14 @@ class LabelStudioAPI:
 
     def create_prediction(self, prediction: dict) -> dict:
         return self.request("POST", "/api/predictions", body=prediction)
+
+    @staticmethod
+    def ml_backend_update(backend: Mapping, extra_params: Mapping) -> dict:
+        """The body of :meth:`update_ml_backend`: Label Studio 1.23 answers a PATCH of
+        ``extra_params`` alone with a 500, so ``url`` and ``project`` go with it."""
+        return {"url": backend.get("url"), "project": backend.get("project"), "extra_params": dict(extra_params)}
+
+    def update_ml_backend(self, backend: Mapping, extra_params: Mapping) -> dict:
+        """Write ``extra_params`` into a connected ML backend (``backend``: an item of
+        :meth:`ml_backends`); Label Studio then calls the backend's ``/setup`` with them."""
+        return self.request("PATCH", f"/api/ml/{backend['id']}", body=self.ml_backend_update(backend, extra_params))

@@ -27,6 +27,9 @@ use, so a config written for them keeps working):
 - ``<BrushLabels model_score_threshold="0.4">``: per-control score threshold
   (``score_threshold`` is accepted as the older spelling).
 - ``<Label model_skip="true">``: that label gets no predictions.
+- ``<Label model_score_threshold="0.4">``: that label's pixel threshold (a pixel it wins is
+  background under it), in place of the global ``threshold``; ``extra_params``
+  ``label_thresholds`` override it.
 - ``<Label predicted_values="tabby cat, kitten">``: comma-separated words the model should
   look for instead of the label's text. The official backends use it as a list of model class
   names that map onto one Label Studio label; GEM takes one free-text prompt per label, so the
@@ -86,6 +89,8 @@ class LabelTarget:
       if given, else the label's ``value`` (the text the annotator sees).
     - ``score_threshold``: the control's ``model_score_threshold`` in [0, 1], or None when
       unset (the caller then uses its default).
+    - ``label_thresholds``: ``(label, threshold)`` of the ``<Label>``s that carry their own
+      ``model_score_threshold`` (a pixel threshold, not a region one).
     """
 
     from_name: str
@@ -94,6 +99,7 @@ class LabelTarget:
     labels: tuple[str, ...]
     prompts: tuple[str, ...]
     score_threshold: float | None = None
+    label_thresholds: tuple[tuple[str, float], ...] = ()
 
     kind: ClassVar[str] = ""
 
@@ -287,18 +293,25 @@ def _walk(xml: str, kinds: Sequence[str]) -> tuple[list[LabelTarget], list[TextP
                 continue
             labels: list[str] = []
             prompts: list[str] = []
+            label_thresholds: list[tuple[str, float]] = []
             for label, label_tag in (control.labels_attrs or {}).items():
                 if _is_true((label_tag.attr or {}).get("model_skip")):
                     continue
                 labels.append(label)
                 prompts.append(_prompt_for(label_tag))
+                own = (label_tag.attr or {}).get("model_score_threshold")
+                if own is not None and str(own).strip():
+                    value = _parse_threshold(f"{control.name}/{label}", {"model_score_threshold": own}, "Label")
+                    if value >= 1.0:
+                        raise LabelConfigError(f'<Label value="{label}">: model_score_threshold="{own}" must be under 1')
+                    label_thresholds.append((label, value))
             if not labels:
                 continue
             cls = _TARGET_CLASSES[tag]
             extra = {"multiple": str(attrs.get("choice") or "").lower() == "multiple"} if cls is ChoicesTarget else {}
             targets.append(cls(from_name=control.name, to_name=to_name, value_key=obj.value[1:],
                                labels=tuple(labels), prompts=tuple(prompts), score_threshold=threshold,
-                               **extra))
+                               label_thresholds=tuple(label_thresholds), **extra))
     return targets, texts, smart, found, usable_pairs
 
 

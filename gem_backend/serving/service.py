@@ -180,7 +180,8 @@ class GEMService:
             try:
                 config = parse_labeling_config(label_config)
                 seg = self.settings.segmentation_for(extra_params)
-            except (LabelConfigError, SettingsError) as err:
+                seg = with_config_thresholds(seg, config.targets)
+            except (LabelConfigError, SettingsError, ValueError) as err:
                 raise RequestError(str(err)) from None
             spec = ProjectSpec(config.targets, seg, self.settings.model_version(seg), config.text_prompts)
             if key:
@@ -537,7 +538,8 @@ class GEMService:
             if isinstance(embeddings[url], Exception):
                 raise embeddings[url]
             result = predictor.predict(list(dict.fromkeys(p for _, p in pairs)), embeddings[url],
-                                       prototypes=self.prompt_prototypes(spec, pairs))
+                                       prototypes=self.prompt_prototypes(spec, pairs),
+                                       thresholds=prompt_thresholds(spec.segmentation, pairs))
             for region, area, margin in self._target_regions(result, target, pairs, spec.segmentation):
                 regions.append(region)
                 areas.append(area)
@@ -744,6 +746,32 @@ class GEMService:
         score = sum(f[1] * f[2] for f in found) / max(area, 1e-12)
         margin = sum(f[3] * f[2] for f in found) / max(area, 1e-12)
         return [(choices_region([f[0] for f in found], target, score), area, margin)]
+
+
+def with_config_thresholds(segmentation: SegmentationSettings,
+                           targets: Sequence[LabelTarget]) -> SegmentationSettings:
+    """``segmentation`` with the ``<Label model_score_threshold>``s of the config added to its
+    ``label_thresholds`` (those from ``extra_params`` win), so that they enter the model version."""
+    from_config: dict[str, float] = {}
+    for target in targets:
+        for label, value in target.label_thresholds:
+            from_config.setdefault(label, value)
+    if not from_config:
+        return segmentation
+    return dataclasses.replace(segmentation,
+                               label_thresholds={**from_config, **dict(segmentation.label_thresholds)})
+
+
+def prompt_thresholds(segmentation: SegmentationSettings, pairs: Sequence[tuple[str, str]]) -> dict[str, float]:
+    """``{prompt: threshold}`` of a control's ``(label, prompt)`` pairs from the per-label
+    thresholds (keyed by label, or by prompt); a prompt shared by labels takes the first's."""
+    table = dict(segmentation.label_thresholds)
+    out: dict[str, float] = {}
+    for label, prompt in pairs:
+        value = table.get(label, table.get(prompt))
+        if value is not None and prompt not in out:
+            out[prompt] = value
+    return out
 
 
 def task_score(regions: Sequence[Mapping], areas: Sequence[float], margins: Sequence[float], kind: str) -> float:
