@@ -215,5 +215,5 @@ def test_cli_agreement_from_the_file_store(tmp_path, loaded, monkeypatch):
 def test_cli_eval_says_what_is_missing(capsys):
     assert main(["eval", "--agreement"]) == 2
     assert "--agreement needs --project" in capsys.readouterr().err
-    assert main(["eval", "--project", "1"]) == 2
-    assert "--dataset and --root are required" in capsys.readouterr().err
+    assert main(["eval"]) == 2
+    assert "give --dataset and --root (a benchmark), or --project ID" in capsys.readouterr().err
