@@ -34,6 +34,8 @@ README_DEFAULTS = {
     "sclip": {"attn_strategy": "csa"},
     "clearclip": {"attn_strategy": "qq", "ignore_residual": True},
     "naclip": {"arch": "reduced", "attn_strategy": "naclip", "gaussian_std": 5.0},
+    "scclip": {"pre_adjust_idx": 8, "post_adjust_idx": 3, "multi_start_idx": 3, "multi_end_idx": 10, "res_cls": 0.3},
+    "sfp": {"pm": "SOM", "res_cls": 0.3},
     "clip": {},
 }
 
@@ -147,7 +149,7 @@ def test_gem_method_is_gem(model):
 
 # ---------------------------------------------------------------------- options
 def test_names_and_defaults():
-    assert method_names() == ("gem", "sclip", "clearclip", "naclip", "clip")
+    assert method_names() == ("gem", "sclip", "clearclip", "naclip", "scclip", "sfp", "clip")
     for name, defaults in README_DEFAULTS.items():
         assert method_defaults(name) == defaults
         assert check_method_options(name) == defaults
@@ -172,6 +174,10 @@ def test_method_objects_carry_full_json_options(model):
     assert method.options == {"attn_strategy": "maskclip", "ignore_residual": True}
     assert json.loads(json.dumps(method.options)) == method.options
     for name in method_names():
+        if name in ("scclip", "sfp"):  # their default block indices need 11+ blocks; this tower has 8
+            with pytest.raises(MethodError, match="8 blocks"):
+                create_method(name, model)
+            continue
         m = create_method(name, model)
         assert m.name == name and m.options == README_DEFAULTS[name]
 

@@ -9,6 +9,8 @@ The methods live one family per module:
 
 - :mod:`.gem`: ``gem`` (GEM, the Grounding Everything Module);
 - :mod:`.lastblock`: ``sclip``, ``clearclip``, ``naclip`` (a modified last block);
+- :mod:`.scclip`: ``scclip``, ``sfp`` (SC-CLIP and SFP: outlier tokens fixed, a calibrated
+  last block over similarity-aggregated and multi-level features);
 - :mod:`.dense`: ``clip`` (plain CLIP patch tokens), and what every method shares (text
   tower, maps, positional-embedding resizes).
 """
@@ -22,18 +24,15 @@ from typing import Any
 
 from torch import nn
 
-from .dense import CLIPMethod, DenseCLIP
+from .dense import CLIPMethod, DenseCLIP, MethodError
 from .gem import GEMMethod
 from .lastblock import NACLIP, SCLIP, ClearCLIP
+from .scclip import SCCLIP, SFP
 
 __all__ = [
     "MethodError", "create_method", "create", "method_names", "method_defaults", "method_options",
     "check_method_options",
 ]
-
-
-class MethodError(ValueError):
-    """Unknown method, unknown option or invalid option value; the message lists the valid ones."""
 
 
 # ---------------------------------------------------------------------- options and the factory
@@ -70,6 +69,10 @@ def _int_at_least(default: int, low: int) -> _Option:
     return _Option(default, f"an integer >= {low}", lambda v: int(v) if _is_int(v) and v >= low else _INVALID)
 
 
+def _non_negative(default: float) -> _Option:
+    return _Option(default, "a finite number >= 0", lambda v: float(v) if _is_real(v) and v >= 0 else _INVALID)
+
+
 def _positive(default: float | None, optional: bool = False) -> _Option:
     def normalise(v):
         if v is None and optional:
@@ -92,6 +95,12 @@ def _naclip_rule(options: dict) -> str | None:
     return None
 
 
+def _scclip_rule(options: dict) -> str | None:
+    if options["multi_start_idx"] >= options["multi_end_idx"]:
+        return "multi_start_idx must be < multi_end_idx (the multi-level states are F_{start+1}..F_{end})"
+    return None
+
+
 _METHODS: dict[str, _Spec] = {
     "gem": _Spec(GEMMethod, "GEM, the Grounding Everything Module (self-self attention in the last depth-1 blocks)", {
         "depth": _int_at_least(7, 1),
@@ -110,12 +119,25 @@ _METHODS: dict[str, _Spec] = {
         "attn_strategy": _choice("naclip", "naclip", "kk", "csa", "vanilla"),
         "gaussian_std": _positive(5.0),
     }, _naclip_rule),
+    # block indices are checked against the model's depth when the method is built
+    "scclip": _Spec(SCCLIP, "SC-CLIP (LOF outliers fixed, self-calibrated last block with multi-level fusion)", {
+        "pre_adjust_idx": _int_at_least(8, 0),
+        "post_adjust_idx": _int_at_least(3, 0),
+        "multi_start_idx": _int_at_least(3, 0),
+        "multi_end_idx": _int_at_least(10, 1),
+        "res_cls": _non_negative(0.3),
+    }, _scclip_rule),
+    "sfp": _Spec(SFP, "SFP (SC-CLIP's frame, SOM/L2/LOF outliers, thresholded similarity attention)", {
+        "pm": _choice("SOM", "SOM", "L2", "LOF"),
+        "res_cls": _non_negative(0.3),
+    }),
     "clip": _Spec(CLIPMethod, "plain CLIP patch tokens (baseline)"),
 }
 
 
 def method_names() -> tuple[str, ...]:
-    """The valid method names, ``("gem", "sclip", "clearclip", "naclip", "clip")``."""
+    """The valid method names, ``("gem", "sclip", "clearclip", "naclip", "scclip", "sfp", "clip")``;
+    the first, ``gem``, is the default."""
     return tuple(_METHODS)
 
 
@@ -183,7 +205,8 @@ def create_method(name: str, clip_model: nn.Module, *, tokenizer=None, **options
     """A dense method by name around an open_clip CLIP model (used as it is, not modified).
 
     Args:
-        name: ``"gem"``, ``"sclip"``, ``"clearclip"``, ``"naclip"`` or ``"clip"``.
+        name: ``"gem"``, ``"sclip"``, ``"clearclip"``, ``"naclip"``, ``"scclip"``, ``"sfp"`` or
+            ``"clip"``.
         clip_model: an ``open_clip.CLIP`` in eval mode with a ViT image tower.
         tokenizer: callable ``list[str] -> LongTensor [C, L]``; default open_clip's.
         **options: the method's options (:func:`method_defaults`); the rest default.
@@ -192,7 +215,8 @@ def create_method(name: str, clip_model: nn.Module, *, tokenizer=None, **options
         -> ``[B, 1+N, D]``, ``encode_text``, ``encode_prompts``, ``patch_similarity``,
         ``grid_for``, ``similarity_maps(images, text)`` -> ``[B, C, H, W]``.
     Raises:
-        MethodError: unknown method or option, invalid value.
+        MethodError: unknown method or option, invalid value, a block index beyond the
+            model's depth (``scclip``, ``sfp``).
         UnsupportedModelError: an image tower the methods are not defined on.
     """
     full = check_method_options(name, options)
