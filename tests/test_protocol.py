@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gem_backend import load_gem_model, method_names
+from gem_backend import load_gem_model, method_names, pamr
 from gem_backend.algorithm.segmentation import GEMPredictor, ImageEmbedding, SegmentationSettings
 from gem_backend.algorithm.windows import (REGION_PAD, Window, cell_tokens, resize_regions, sliding_windows,
                                            window_logits)
@@ -365,3 +365,15 @@ def test_chunked_decision_through_windows_equals_all_at_once(loaded, monkeypatch
     chunked = pred.predict(labels, emb)
     np.testing.assert_array_equal(whole.label_map, chunked.label_map)
     assert len(np.unique(whole.label_map)) > 1
+
+
+def test_pamr_is_guided_by_the_model_input_resized_to_the_image(loaded):
+    # NACLIP's evaluation: logits and the normalised input both bilinearly resized to the image
+    seg = Segmenter(loaded, Protocol("sclip", resize="short", size=112, crop=0), method="naclip", refine="pamr",
+                    refine_iterations=2, refine_dilations=(1, 2))
+    image = np.random.default_rng(6).integers(0, 256, (160, 240, 3), dtype=np.uint8)
+    text = F.normalize(torch.randn(3, loaded.gem.embed_dim), dim=-1)
+    size = (160, 240)
+    guide = F.interpolate(seg.prepare(image)[None], size=size, mode="bilinear", align_corners=False)
+    maps = F.interpolate(seg.maps(image, text)[None], size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(seg.logits(image, text), pamr(guide, maps, 2, (1, 2))[0])
