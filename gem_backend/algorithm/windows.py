@@ -199,7 +199,8 @@ def window_logits(tokens, windows: Sequence[Window], text: torch.Tensor, size: t
         windows: the :class:`Window` of each.
         text: ``[Q, D]`` L2-normalised; the maps are computed on its device.
         size: ``(H, W)`` of the image the windows tile.
-        chunk: queries upsampled at once (bounds the temporaries at ``chunk`` window maps).
+        chunk: queries upsampled at once (bounds the temporaries at ``chunk`` window maps
+            besides the output).
     Returns:
         ``[Q, H, W]`` float32; a pixel no window covers is NaN (never with :func:`sliding_windows`).
     """
@@ -212,18 +213,18 @@ def window_logits(tokens, windows: Sequence[Window], text: torch.Tensor, size: t
     for w in windows:
         y1, y2, x1, x2 = w.box
         count[:, y1:y2, x1:x2] += 1
-    out = torch.empty(q, height, width, dtype=torch.float32, device=device)
+    out = torch.zeros(q, height, width, dtype=torch.float32, device=device)
     step = max(1, int(chunk))
     for start in range(0, q, step):
         t = text[start:start + step]
-        canvas = torch.zeros(t.shape[0], height, width, dtype=torch.float32, device=device)
+        canvas = out[start:start + t.shape[0]]  # summed in place: no second [Q, H, W]
         for feat, w in zip(parts, windows):
             y1, y2, x1, x2 = w.box
             top, _, left, _ = w.pad
             sim = (feat.to(device=device, dtype=torch.float32) @ t.t()).t().reshape(1, t.shape[0], *w.grid)
             up = F.interpolate(sim, size=w.padded_size, mode="bilinear", align_corners=False)[0]
             canvas[:, y1:y2, x1:x2] += up[:, top:top + y2 - y1, left:left + x2 - x1]
-        out[start:start + t.shape[0]] = canvas.div_(count)
+        canvas.div_(count)
     return out
 
 
