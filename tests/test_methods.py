@@ -35,6 +35,7 @@ README_DEFAULTS = {
     "clearclip": {"attn_strategy": "qq", "ignore_residual": True},
     "naclip": {"arch": "reduced", "attn_strategy": "naclip", "gaussian_std": 5.0},
     "clip": {},
+    "corrclip": {"dino_model": "dino_vitb8", "dino_pretrained": None},
 }
 
 
@@ -147,7 +148,7 @@ def test_gem_method_is_gem(model):
 
 # ---------------------------------------------------------------------- options
 def test_names_and_defaults():
-    assert method_names() == ("gem", "sclip", "clearclip", "naclip", "clip")
+    assert method_names() == ("gem", "sclip", "clearclip", "naclip", "clip", "corrclip")
     for name, defaults in README_DEFAULTS.items():
         assert method_defaults(name) == defaults
         assert check_method_options(name) == defaults
@@ -171,8 +172,12 @@ def test_method_objects_carry_full_json_options(model):
     assert method.name == "clearclip"
     assert method.options == {"attn_strategy": "maskclip", "ignore_residual": True}
     assert json.loads(json.dumps(method.options)) == method.options
+    from gem_backend.algorithm.dino import load_dino
+
+    corrclip_dir = shared_path("golden", "corrclip-reference")  # CorrCLIP needs a DINO: the golden tiny one
+    dino = load_dino(str(corrclip_dir / "dino_config.json"), str(corrclip_dir / "dino_weights.safetensors"))
     for name in method_names():
-        m = create_method(name, model)
+        m = create_method(name, model, **({"dino": dino} if name == "corrclip" else {}))
         assert m.name == name and m.options == README_DEFAULTS[name]
 
 

@@ -12,6 +12,11 @@ Modules and their public names:
 - :mod:`.gem`: :class:`GEM` (the image tower with GEM's self-self attention path) and
   ``GEMMethod``.
 - :mod:`.lastblock`: SCLIP, ClearCLIP, NACLIP (a modified last block).
+- :mod:`.corrclip`: :class:`CorrCLIP` (DINO v1 affinity in the last block, scoped by a region
+  map; ``uses_regions``), ``merge_regions``, ``corrclip_scope``.
+- :mod:`.dino`: :func:`load_dino` (DINO v1 on timm's ViT, a name's hub weights or a file,
+  shared per process) -> :class:`DINO` (``qk_features``).
+- :mod:`.hub`: ``ModelLoadError`` and the fast hub-reachability check the loaders share.
 - :mod:`.methods`: the one factory, ``create_method`` / ``check_method_options`` /
   ``method_names``.
 - :mod:`.models`: :func:`load_gem_model` (the one factory: an open_clip name or config and

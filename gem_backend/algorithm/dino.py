@@ -32,7 +32,7 @@ from torch import nn
 from .dense import interpolate_pos_encoding
 from .hub import ModelLoadError, hub_offline_reason
 
-__all__ = ["DINO", "load_dino", "DINO_MODELS", "DINO_MEAN", "DINO_STD"]
+__all__ = ["DINO", "load_dino", "DINO_MODELS", "DINO_URLS", "DINO_MEAN", "DINO_STD"]
 
 # name -> (timm hub id of the official weights, architecture)
 DINO_MODELS: dict[str, tuple[str, dict]] = {
@@ -41,8 +41,8 @@ DINO_MODELS: dict[str, tuple[str, dict]] = {
     "dino_vitb8": ("timm/vit_base_patch8_224.dino", dict(patch_size=8, embed_dim=768, depth=12, num_heads=12)),
     "dino_vitb16": ("timm/vit_base_patch16_224.dino", dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)),
 }
-# the official download page, for the error message
-_OFFICIAL_URLS = {
+# the official checkpoints (the same weights), named in the download hint
+DINO_URLS = {
     "dino_vits8": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
     "dino_vits16": "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
     "dino_vitb8": "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
@@ -199,7 +199,7 @@ def _hub_weights(model: str, hub_id: str) -> str:
         f"could not get the DINO weights of {model!r}: not in the Hugging Face cache and {why}. "
         f"They download once into the Hugging Face cache (HF_HOME, default ~/.cache/huggingface) on a "
         f"machine with internet access: run `huggingface-cli download {hub_id} {_HUB_FILES[0]}` there and "
-        f"copy the cache, or download the official checkpoint {_OFFICIAL_URLS[model]} and pass it as the "
+        f"copy the cache, or download the official checkpoint {DINO_URLS[model]} and pass it as the "
         "DINO weights file (method option dino_pretrained)")
 
 
@@ -252,6 +252,6 @@ def load_dino(model: str = "dino_vitb8", pretrained: str | None = None,
         except RuntimeError as err:
             raise ModelLoadError(f"{path} does not fit the DINO {model!r}: {err}") from err
         vit = vit.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        dino = DINO(vit, name=os.path.basename(str(model)))
+        dino = DINO(vit, name=os.path.basename(str(model))).eval()
         _LOADED[key] = dino
         return dino
