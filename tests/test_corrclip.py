@@ -144,6 +144,13 @@ def test_protocol_attributes(method, dino):
     assert method.grid_for(280, 336) == (35, 42)  # the DINO grid (patch 8), not the CLIP one
     assert dino.patch_size == 8 and dino.embed_dim == 48
     assert method.options == {"dino_model": "dino_vitb8", "dino_pretrained": None}
+    x, _, ref = _window("i3", 0)  # DenseCLIP's maps work on the DINO grid (DINO-only without regions)
+    text = F.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    maps = method.similarity_maps(x, text)
+    assert maps.shape == (1, 3, 224, 224)
+    tokens = F.normalize(torch.from_numpy(ref["tokens"]), dim=-1)
+    coarse = (tokens @ text.t()).t().reshape(1, 3, 28, 28)
+    assert (maps - F.interpolate(coarse, size=(224, 224), mode="bilinear", align_corners=False)).abs().max() < TOL
 
 
 # ---------------------------------------------------------------------- pieces
