@@ -61,7 +61,7 @@ def main() -> None:
 
     from gem_backend import create_method, method_names, pamr
     from gem_backend.algorithm.segmentation import SegmentationSettings, model_input_size
-    from gem_backend.algorithm.windows import sliding_windows, stitched_tokens
+    from gem_backend.algorithm.windows import sliding_windows, window_tokens
 
     info = cpu()
     if args.precision == "bf16" and not (info["avx512_bf16"] or info["amx_bf16"]):
@@ -86,7 +86,8 @@ def main() -> None:
             h, w = model_input_size(3000, 4000, seg, (16, 16))
             big = torch.randn(3, h, w)
             n = len(sliding_windows(h, w, 448, 224))
-            row = timed(lambda: stitched_tokens(gem.encode_image, big, 448, 224, 16, batch_size=1), max(1, args.runs - 2))
+            boxes = sliding_windows(h, w, 448, 224)
+            row = timed(lambda: window_tokens(gem, big, boxes, batch_size=1), max(1, args.runs - 2))
             print(json.dumps(dict(info, row="windows", method="gem", working_size=[h, w], windows=n,
                                   precision=args.precision, per_window_s=round(row["median_s"] / n, 4), **row)),
                   flush=True)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from gem_backend import create_method, pamr
 from gem_backend.algorithm.segmentation import GEMPredictor, SegmentationSettings, model_input_size, uses_windows
-from gem_backend.algorithm.windows import sliding_windows, stitched_tokens
+from gem_backend.algorithm.windows import sliding_windows, window_tokens
 from gem_backend.evaluation.harness import (EvalError, Protocol, Segmenter, parse_variants, run_comparison,
                                             EvalConfig)
 from gem_backend.serving.feature_cache import decode_embedding, encode_embedding, image_namespace
@@ -164,43 +164,56 @@ def test_window_sizing():
     assert len(sliding_windows(1344, 1792, 448, 224)) == 5 * 7
 
 
-def test_stitched_tokens_average_the_windows_on_the_grid():
+def test_window_tokens_encode_each_window_once_batched_by_size():
     calls = []
 
-    def encode(x):  # tokens that name their window: channel 0 = window index
-        calls.append(x.shape[0])
-        b, _, h, w = x.shape
-        out = torch.zeros(b, 1 + (h // 16) * (w // 16), 4)
-        out[..., 1] = 1.0
-        return out
+    class Tower:
+        patch_size = (16, 16)
 
-    feat = stitched_tokens(encode, torch.zeros(3, 64, 96), 32, 16, 16)
-    assert feat.shape == (4 * 6, 4)
-    assert sum(calls) == len(sliding_windows(64, 96, 32, 16))  # one forward per window
-    np.testing.assert_allclose(feat[:, 1].numpy(), 1.0)  # a mean of unit vectors that agree stays unit
-    with pytest.raises(ValueError, match="multiples"):
-        stitched_tokens(encode, torch.zeros(3, 60, 96), 32, 16, 16)
+        def grid_for(self, h, w):
+            return h // 16, w // 16
+
+        def encode_image(self, x):  # CLS, then patch tokens of norm 2
+            calls.append(tuple(x.shape))
+            b, _, h, w = x.shape
+            out = torch.zeros(b, 1 + (h // 16) * (w // 16), 4)
+            out[:, 1:, 1] = 2.0
+            return out
+
+    boxes = sliding_windows(64, 96, 32, 16)
+    tokens, wins = window_tokens(Tower(), torch.zeros(3, 64, 96), boxes, batch_size=4)
+    assert sum(c[0] for c in calls) == len(boxes) and max(c[0] for c in calls) == 4  # one forward per window
+    assert [w.box for w in wins] == boxes and all(w.grid == (2, 2) and w.pad == (0, 0, 0, 0) for w in wins)
+    assert all(t.shape == (4, 4) for t in tokens)
+    np.testing.assert_allclose(torch.cat(tokens)[:, 1].numpy(), 1.0)  # L2-normalised, CLS dropped
+    calls.clear()
+    _, wins = window_tokens(Tower(), torch.zeros(3, 60, 90), [(0, 60, 0, 90)])
+    assert calls == [(1, 3, 64, 96)] and wins[0].pad == (2, 2, 3, 3) and wins[0].grid == (4, 6)  # centred padding
 
 
 @pytest.mark.parametrize("method", ["gem", "naclip"])
 def test_serving_and_eval_give_the_same_label_map_through_windows(loaded, method):
     image = photo(160, 96)  # multiples of the patch: no resize in either
     seg = SegmentationSettings(input_size=64, threshold=0, min_area=0, background_prompts=(), templates=TEMPLATE,
-                               method=method, windows_above=64, window=64, window_stride=32, window_short_side=96)
+                               method=method, windows_above=64, window=64, window_stride=48, window_short_side=96)
     pred = GEMPredictor(loaded, seg)
     emb = pred.set_image(image)
     assert emb.input_size == (96, 160) and emb.grid == (6, 10)
+    assert len(emb.windows) == len(sliding_windows(96, 160, 64, 48)) == 2 * 3  # edge windows, off the stride
     served = pred.predict(LABELS, emb).label_map.astype(np.int64) - 1
 
-    protocol = Protocol(name="test", resize="none", crop=64, stride=32, templates=TEMPLATE)
+    protocol = Protocol(name="test", resize="none", crop=64, stride=48, templates=TEMPLATE)
     segmenter = Segmenter(loaded, protocol, method)
-    logits = segmenter.logits(image, segmenter.encode(LABELS))
+    text = segmenter.encode(LABELS)
+    logits = segmenter.logits(image, text)
     evaluated = logits.argmax(dim=0).numpy()
     np.testing.assert_array_equal(served, evaluated)
     assert len(np.unique(served)) == 2  # both labels present: the comparison is not trivial
+    # the same logits, not only the same argmax: one code for both
+    torch.testing.assert_close(emb.logits(text), logits, rtol=0, atol=1e-6)
 
 
-def test_a_large_image_is_served_through_windows_and_clicks_use_the_stitched_features(tmp_path, loaded,
+def test_a_large_image_is_served_through_windows_and_clicks_use_the_cached_window_features(tmp_path, loaded,
                                                                                      monkeypatch):
     settings = make_settings(tmp_path, GEM_METHOD="clearclip", GEM_WINDOWS_ABOVE="100", GEM_WINDOW="64",
                              GEM_WINDOW_STRIDE="32", GEM_WINDOW_SHORT_SIDE="96")
@@ -218,7 +231,7 @@ def test_a_large_image_is_served_through_windows_and_clicks_use_the_stitched_fea
     assert first["result"] and first["result"][0]["original_width"] == 300
     validate(BRUSH_CONFIG, first)
     clicked = post(client, interactive_body(uri, [click(50, 50, "cat")]))
-    assert sum(c[0] for c in calls) == windows  # the click reused the stitched features from the cache
+    assert sum(c[0] for c in calls) == windows  # the click reused the window features from the cache
     assert [r["value"]["brushlabels"] for r in clicked["result"]] == [["cat"]]
     validate(BRUSH_CONFIG, clicked)
 

@@ -5,7 +5,9 @@ expensive image tower once, ``predict(labels)`` is cheap and can run many times 
 numpy in, numpy out.
 
 The decision (``SegmentationSettings``): the GEM patch-text cosine maps of the labels and
-of generic *background prompts* are bilinearly upsampled to the model's input size and
+of generic *background prompts* are bilinearly upsampled to the model's input size (an image
+seen through sliding windows: each window's map upsampled to the window and the windows
+averaged per pixel, the official protocol that ``gem-backend eval`` runs too) and
 turned into probabilities with ``softmax(logit_scale * cosine)`` across all prompts. A pixel
 is background where a background prompt wins or the winning probability is below
 ``threshold``; a label covering less than ``min_area`` of the image is dropped. The label
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .gem import DEFAULT_TEMPLATES
+from .windows import Window, cell_tokens, sliding_windows, window_logits, window_tokens
 
 # prompts whose maps are upsampled to the model input at once in GEMPredictor.predict: bounds
 # the decision's memory at ~3 x 32 x H_in x W_in floats (150 MB at 448 x 896) for any label count
@@ -298,13 +301,19 @@ class ImageEmbedding:
     """The expensive part of one image, computed once by :meth:`GEMPredictor.set_image`.
 
     Attributes:
-        patches: ``[h*w, D]`` float32 L2-normalised GEM patch tokens, row-major.
-        grid: ``(h, w)`` token grid.
+        patches: float32 L2-normalised patch tokens of the method, row-major: ``[h*w, D]`` of one
+            pass over the input, or, when ``windows`` is set, each window's ``[gh*gw, D]`` tokens
+            concatenated in window order ``[sum gh*gw, D]``.
+        grid: ``(h, w)`` token grid of the whole input (``H_in / P, W_in / P``).
         input_size: ``(H_in, W_in)`` model input size (the working size, for an image seen
             through sliding windows).
         original_size: ``(H, W)`` of the image as given.
         guide: ``[H_in, W_in, 3]`` uint8, the image at the input size: what refinement
             (PAMR) follows; None when not kept.
+        windows: the sliding windows the image was seen through
+            (:class:`~gem_backend.algorithm.windows.Window`: box, token grid, padding), or None
+            for one pass. Maps are then the per-pixel window average
+            (:func:`~gem_backend.algorithm.windows.window_logits`), as ``gem-backend eval``.
     """
 
     patches: torch.Tensor
@@ -312,6 +321,27 @@ class ImageEmbedding:
     input_size: tuple[int, int]
     original_size: tuple[int, int]
     guide: torch.Tensor | None = None
+    windows: tuple[Window, ...] | None = None
+
+    def grid_tokens(self) -> torch.Tensor:
+        """``[h*w, D]``: one token per cell of :attr:`grid`, for learning from annotations:
+        :attr:`patches` for one pass; through windows, per cell the mean of the window tokens
+        centred in it (:func:`~gem_backend.algorithm.windows.cell_tokens`; not the maps' path)."""
+        if self.windows is None:
+            return self.patches
+        patch = (self.input_size[0] // self.grid[0], self.input_size[1] // self.grid[1])
+        return cell_tokens(self.patches, self.windows, self.grid, patch)
+
+    def logits(self, text: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+        """``[Q, H_in, W_in]`` float32 cosine logits of ``text [Q, D]`` (L2-normalised) at the
+        input size, on ``text``'s device: the token map bilinearly upsampled, or through windows
+        the per-pixel average of the windows' upsampled maps."""
+        if self.windows is not None:
+            return window_logits(self.patches, self.windows, text, self.input_size, chunk=chunk)
+        text = text.float()
+        sim = (self.patches.to(device=text.device, dtype=torch.float32) @ text.t()).t()
+        return F.interpolate(sim.reshape(1, text.shape[0], *self.grid), size=self.input_size, mode="bilinear",
+                             align_corners=False)[0]
 
 
 class GEMPredictor:
@@ -388,31 +418,34 @@ class GEMPredictor:
             x: ``[B, 3, H_in, W_in]`` from :meth:`preprocess` (concatenated).
             original_sizes: ``B`` sizes ``(H0, W0)`` the masks are wanted at; an image whose
                 size :func:`uses_windows` is seen through sliding windows (one forward per
-                window, the tokens stitched on its grid: :func:`~gem_backend.algorithm.windows.
-                stitched_tokens`).
+                window, each window's tokens kept: :func:`~gem_backend.algorithm.windows.
+                window_tokens`).
         Returns:
             ``B`` :class:`ImageEmbedding`; each image's result is the same as alone.
         """
         s = self.settings
         grid = self.gem.grid_for(x.shape[-2], x.shape[-1])
         windowed = [uses_windows(*size, s) for size in original_sizes]
+        wins: list[tuple[Window, ...] | None] = [None] * len(original_sizes)
         with torch.inference_mode():
             if any(windowed):
-                from .windows import stitched_tokens
-
-                patch = self.gem.patch_size[0]
-                patches = torch.stack([
-                    stitched_tokens(self.method.encode_image, x[i].to(self.method.device), s.window,
-                                    s.window_stride, patch) if w
-                    else F.normalize(self.method.encode_image(x[i:i + 1])[0, 1:].float(), dim=-1)
-                    for i, w in enumerate(windowed)]).cpu()
+                boxes = sliding_windows(x.shape[-2], x.shape[-1], s.window, s.window_stride)
+                patches = []
+                for i, w in enumerate(windowed):
+                    if w:
+                        tokens, found = window_tokens(self.method, x[i].to(self.method.device), boxes)
+                        patches.append(torch.cat(tokens).cpu())
+                        wins[i] = tuple(found)
+                    else:
+                        patches.append(F.normalize(self.method.encode_image(x[i:i + 1])[0, 1:].float(), dim=-1).cpu())
             else:
                 patches = F.normalize(self.method.encode_image(x)[:, 1:].float(), dim=-1).cpu()
         # the uint8 image back from its normalisation (exact: it was uint8 / 255), for refinement
         guide = ((x.float() * self._std + self._mean) * 255.0).round_().clamp_(0, 255).to(torch.uint8)
         guide = guide.permute(0, 2, 3, 1).cpu()
         return [ImageEmbedding(patches=patches[i], grid=grid, input_size=tuple(x.shape[-2:]),
-                               original_size=tuple(size), guide=guide[i]) for i, size in enumerate(original_sizes)]
+                               original_size=tuple(size), guide=guide[i], windows=wins[i])
+                for i, size in enumerate(original_sizes)]
 
     def refine(self, logits: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
         """``settings.refine`` applied to ``[P, H_in, W_in]`` logits (PAMR guided by the input
@@ -459,18 +492,10 @@ class GEMPredictor:
         device = getattr(self.loaded, "device", None)  # stand-ins of a loaded model may have none
         return device if isinstance(device, torch.device) and device.type == "cuda" else torch.device("cpu")
 
-    def _similarities(self, labels: Sequence[str], emb: ImageEmbedding,
-                      prototypes: Mapping[str, tuple] | None) -> torch.Tensor:
-        """``[1, C + K, h, w]`` float32 patch-prompt cosines on :attr:`decision_device`."""
-        device = self.decision_device
-        text = self.prompt_embeddings(labels, prototypes).to(device)
-        return (emb.patches.to(device) @ text.t()).t().reshape(1, text.shape[0], *emb.grid)
-
     def _probabilities(self, labels: Sequence[str], emb: ImageEmbedding,
                        prototypes: Mapping[str, tuple] | None) -> torch.Tensor:
-        sim = F.interpolate(self._similarities(labels, emb, prototypes), size=emb.input_size, mode="bilinear",
-                            align_corners=False)[0]
-        sim = self.refine(sim, emb)
+        text = self.prompt_embeddings(labels, prototypes).to(self.decision_device)
+        sim = self.refine(emb.logits(text, DECISION_CHUNK), emb)
         return torch.softmax(sim.mul_(self.settings.logit_scale), dim=0)  # in place: sim is ours
 
     def predict(self, labels: Sequence[str], embedding: ImageEmbedding | None = None,
@@ -541,11 +566,10 @@ class GEMPredictor:
             best, winner = p.max(dim=0)
             second = p.scatter(0, winner[None], -1.0).amax(dim=0)
             return winner.cpu().numpy(), best.cpu().numpy(), second.cpu().numpy()
-        sim = self._similarities(labels, emb, prototypes)
+        text = self.prompt_embeddings(labels, prototypes).to(self.decision_device)
         top = top2 = total = winner = None
         for start in range(0, n_prompts, DECISION_CHUNK):
-            chunk = F.interpolate(sim[:, start:start + DECISION_CHUNK], size=emb.input_size, mode="bilinear",
-                                  align_corners=False)[0]
+            chunk = emb.logits(text[start:start + DECISION_CHUNK], DECISION_CHUNK)
             # PAMR is linear in the maps: refining chunk by chunk is refining all at once
             chunk = self.refine(chunk, emb).mul_(self.settings.logit_scale)
             if chunk.shape[0] > 1:

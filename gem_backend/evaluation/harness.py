@@ -8,13 +8,18 @@ Pipeline of one image (``[H, W, 3]`` uint8 RGB):
    ``short`` (short side S, long side at most ``max_long_side``, bilinear: mmseg's
    ``Resize(scale=(2048, S), keep_ratio=True)``), ``fit`` (long side S: mmseg's
    ``Resize(scale=(S, S), keep_ratio=True)``) or ``none``; then CLIP normalisation.
-2. **maps**: cosine similarity of every patch token with every text query, ``[Q, h, w]``.
-   Without ``crop`` the whole resized image is one window; with it, SCLIP's sliding window
-   (``crop`` x ``crop`` windows every ``stride`` pixels, the last one flush with the border;
-   each window's token map bilinearly upsampled to the window and the overlaps averaged).
-   A window whose side is not a multiple of the patch is zero-padded around its centre and
-   the padding cut off again (ClearCLIP/SegEarth-OV).
-3. **logits**: the maps bilinearly upsampled to ``H x W`` (``align_corners=False``).
+2. **maps** (the official ``slide_inference``, :mod:`gem_backend.algorithm.windows`, the code
+   serving uses too): cosine similarity of every patch token with every text query. With
+   ``crop``, SCLIP's sliding windows (``crop`` x ``crop`` every ``stride`` pixels, the last one
+   flush with the border), each encoded on its own, zero-padded around its centre to a multiple
+   of the patch (or of the method's ``window_multiple``), its ``[Q, gh, gw]`` map bilinearly
+   upsampled to the padded window, the padding cut off, and the windows averaged per pixel at
+   the resized size. Without ``crop`` the whole resized image is one pass, unpadded (a
+   remainder under the patch is dropped, the token grid stretched over the image: NACLIP).
+3. **logits**: the maps bilinearly resized to ``H x W`` (``align_corners=False``; without
+   windows in one step from the token map); then PAMR with ``refine`` (guided by the
+   normalised input resized to ``H x W``, as NACLIP). This is the official ``seg_logits_raw``
+   (``shared/golden/scclip-reference``, ``tests/test_protocol.py``).
 4. **decision** (:func:`decide`): ``softmax(logit_scale * logits)`` over the ``Q`` queries,
    the max over each class's names gives the class probability, optional SCLIP area
    filter, argmax, and pixels whose best probability is under ``prob_thd`` go to the
@@ -57,7 +62,7 @@ from PIL import Image
 from ..algorithm.methods import MethodError, method_names
 from ..algorithm.refine import pamr
 from ..algorithm.segmentation import REFINE_KINDS
-from ..algorithm.windows import sliding_windows, stitched_tokens, windows_aligned
+from ..algorithm.windows import Window, centre_pad, resize_regions, sliding_windows, window_logits, window_tokens
 from .datasets import (IGNORE, CLEARCLIP_VOC21_PROMPTS, DatasetSpec, OpenImagesV7, Sample, get_dataset,
                        load_image, voc_palette)
 
@@ -269,13 +274,6 @@ def resized_size(height: int, width: int, protocol: Protocol) -> tuple[int, int]
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-def _centre_pad(h: int, w: int, patch: int) -> tuple[int, int, int, int]:
-    """``(left, right, top, bottom)`` padding to the next multiple of the patch."""
-    lr = (-w) % patch
-    tb = (-h) % patch
-    return lr // 2, lr - lr // 2, tb // 2, tb - tb // 2
-
-
 # ---------------------------------------------------------------------------------- decision
 def decide(logits: torch.Tensor, query_class: torch.Tensor, num_classes: int, logit_scale: float,
            prob_thd: float = 0.0, area_thd: float | None = None, background: int | None = None) -> torch.Tensor:
@@ -348,14 +346,22 @@ def point_scores(maps: torch.Tensor, x: torch.Tensor, y: torch.Tensor, local_cla
 
 # ---------------------------------------------------------------------------------- model side
 class Segmenter:
-    """Per-query similarity maps of images under a protocol.
+    """Per-query similarity maps of images under a protocol: the official per-image path.
+
+    ``Segmenter(loaded, Protocol("sclip", resize="short", size=S, crop=C, stride=T,
+    templates=(t,), logit_scale=L, prob_thd=P, area_thd=A), method=NAME,
+    method_options=OPTIONS, refine="pamr" | "none", refine_iterations=..., refine_dilations=...)``;
+    :meth:`encode` the queries, :meth:`logits` of an image (the official ``seg_logits_raw``),
+    then :func:`decide`.
 
     Args:
         loaded: a :class:`gem_backend.models.LoadedModel`.
         protocol: the :class:`Protocol`.
-        method: ``gem`` (GEM's patch tokens) or ``clip`` (the vanilla CLIP patch tokens of
-            the unmodified path, the MaskCLIP-style baseline without its value trick).
-        batch_size: sliding windows per forward pass.
+        method: a method name (:data:`METHODS`): ``gem``, ``sclip``, ``naclip``, ``clip``...
+        batch_size: sliding windows of one size per forward pass (a method with
+            ``uses_regions``: one).
+        method_options: the method's options.
+        refine: ``none`` or ``pamr`` (``refine_iterations``, ``refine_dilations``).
     """
 
     def __init__(self, loaded, protocol: Protocol, method: str = "gem", batch_size: int = 8,
@@ -404,82 +410,92 @@ class Segmenter:
             x = x.round().clamp(0, 255)
         return (x / 255.0 - self.mean) / self.std
 
-    def _tokens(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, h, w]`` (multiples of the patch) -> ``[B, Q, h/P, w/P]`` float32 cosine."""
-        feat = self.tower.encode_image(x)
-        grid = self.gem.grid_for(x.shape[-2], x.shape[-1])
-        return self.gem.patch_similarity(feat, text, grid).float()
+    def _regions(self, regions, size: tuple[int, int]) -> torch.Tensor | None:
+        """The instance map ``[H, W]`` of the original image as an int64 tensor at the model's
+        view ``size`` (nearest, like the image when the protocol resizes)."""
+        if regions is None:
+            return None
+        r = torch.as_tensor(np.asarray(regions) if not isinstance(regions, torch.Tensor) else regions)
+        if r.ndim != 2:
+            raise ValueError(f"regions must be an [H, W] instance map, got shape {tuple(r.shape)}")
+        return resize_regions(r.to(device=self.device, dtype=torch.long), size)
 
-    def _windows(self, x: torch.Tensor, boxes: list[tuple[int, int, int, int]], text: torch.Tensor,
-                 full_size: bool) -> list[torch.Tensor]:
-        """Maps of the windows ``boxes`` of ``x`` ``[3, h, w]``, each ``[Q, y2-y1, x2-x1]``
-        (or the token map itself when ``full_size`` is False and no padding was needed)."""
-        out: list[torch.Tensor | None] = [None] * len(boxes)
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for i, (y1, y2, x1, x2) in enumerate(boxes):
-            by_shape.setdefault((y2 - y1, x2 - x1), []).append(i)
-        for (ch, cw), idx in by_shape.items():
-            left, right, top, bottom = _centre_pad(ch, cw, self.patch)
-            padded = any((left, right, top, bottom))
-            for start in range(0, len(idx), self.batch_size):
-                part = idx[start:start + self.batch_size]
-                crops = torch.stack([x[:, boxes[i][0]:boxes[i][1], boxes[i][2]:boxes[i][3]] for i in part])
-                if padded:
-                    crops = F.pad(crops, (left, right, top, bottom))
-                tokens = self._tokens(crops, text)
-                for j, i in enumerate(part):
-                    t = tokens[j:j + 1]
-                    if padded or full_size:
-                        t = F.interpolate(t, size=tuple(crops.shape[-2:]), mode="bilinear", align_corners=False)
-                        t = t[:, :, top:top + ch, left:left + cw]
-                    out[i] = t[0]
-        return out  # type: ignore[return-value]
+    def windows(self, image: np.ndarray, regions=None) -> tuple[torch.Tensor, list[torch.Tensor], list[Window]]:
+        """The protocol's windows of one image, encoded.
 
-    def maps(self, image: np.ndarray, text: torch.Tensor) -> torch.Tensor:
-        """``[Q, h', w']`` float32 similarity maps whose extent is the whole image
-        (token resolution for one unpadded pass, resized-image resolution otherwise)."""
+        Args:
+            image: ``[H, W, 3]`` uint8.
+            regions: optional ``[H, W]`` int64 instance map of ``image`` (for a method with
+                ``uses_regions``; see :mod:`gem_backend.algorithm.windows`).
+        Returns:
+            ``(x, tokens, windows)``: the normalised model input ``[3, h, w]``, each window's
+            L2-normalised tokens and its :class:`~gem_backend.algorithm.windows.Window`. Without
+            ``crop`` the whole input is one window, unpadded unless the method asks for a
+            ``window_multiple`` (NACLIP's whole-image pass: the patch convolution drops a remainder).
+        """
+        x = self.prepare(image)
+        h, w = x.shape[-2:]
+        p = self.protocol
+        if p.crop > 0:
+            boxes, pad = sliding_windows(h, w, p.crop, p.stride), True
+        else:
+            boxes, pad = [(0, h, 0, w)], getattr(self.tower, "window_multiple", None) is not None
+        tokens, wins = window_tokens(self.tower, x, boxes, self.batch_size, self._regions(regions, (h, w)), pad)
+        return x, tokens, wins
+
+    def maps(self, image: np.ndarray, text, regions=None) -> torch.Tensor:
+        """``[Q, h', w']`` float32 cosine maps whose extent is the whole image: the token map of
+        a one-pass protocol (``crop`` 0, no padding), else the per-pixel window average at the
+        model input size (:func:`~gem_backend.algorithm.windows.window_logits`)."""
+        return self._maps(image, text, regions)[1]
+
+    def _maps(self, image: np.ndarray, text, regions) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, maps)``: the model input and :meth:`maps`."""
         with torch.inference_mode():
-            x = self.prepare(image)
-            h, w = x.shape[-2:]
-            p = self.protocol
-            if p.crop <= 0:
-                return self._windows(x, [(0, h, 0, w)], text, full_size=False)[0]
-            if windows_aligned(h, w, p.crop, p.stride, self.patch):
-                # on the token grid: the same stitched tokens as serving (algorithm.windows)
-                feat = stitched_tokens(self.tower.encode_image, x, p.crop, p.stride, self.patch, self.batch_size)
-                return (feat @ text.t()).t().reshape(text.shape[0], h // self.patch, w // self.patch)
-            boxes = sliding_windows(h, w, p.crop, p.stride)
-            preds = torch.zeros(text.shape[0], h, w, device=self.device)
-            count = torch.zeros(1, h, w, device=self.device)
-            for (y1, y2, x1, x2), m in zip(boxes, self._windows(x, boxes, text, full_size=True)):
-                preds[:, y1:y2, x1:x2] += m
-                count[:, y1:y2, x1:x2] += 1
-            return preds / count
+            text = torch.as_tensor(text, dtype=torch.float32).to(self.device)
+            x, tokens, wins = self.windows(image, regions)
+            if len(wins) == 1 and wins[0].pad == (0, 0, 0, 0) and self.protocol.crop <= 0:
+                return x, (tokens[0] @ text.t()).t().reshape(text.shape[0], *wins[0].grid)
+            return x, window_logits(tokens, wins, text, tuple(x.shape[-2:]))
 
     def features(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """``([h*w, D] float32 L2-normalised patch tokens on the CPU, (h, w))`` of one pass over
         the whole resized image: what :meth:`maps` multiplies with the text for a protocol
         without sliding windows. Raises :class:`EvalError` for a sliding window or an input
-        that would need padding."""
+        that is not a multiple of the patch."""
         if self.protocol.crop > 0:
             raise EvalError("this needs one pass per image: use a protocol without sliding windows (--crop 0)")
         with torch.inference_mode():
             x = self.prepare(image)
             h, w = x.shape[-2:]
-            if any(_centre_pad(h, w, self.patch)):
+            if any(centre_pad(h, w, self.patch)):
                 raise EvalError(f"the resized image {w}x{h} is not a multiple of the {self.patch} px patch: "
                                 "use --resize square (the gem protocol)")
-            feat = self.tower.encode_image(x[None])
-            return F.normalize(feat[0, 1:].float(), dim=-1).cpu(), self.gem.grid_for(h, w)
+            tokens, wins = window_tokens(self.tower, x, [(0, h, 0, w)], pad=False)
+            return tokens[0].cpu(), wins[0].grid
 
-    def logits(self, image: np.ndarray, text: torch.Tensor) -> torch.Tensor:
-        """``[Q, H, W]`` float32 similarity maps at the image's own size; refined by PAMR
-        there (guided by the image itself, as NACLIP's evaluation does) when ``refine``."""
-        m = self.maps(image, text)
+    def logits(self, image: np.ndarray, text, regions=None) -> torch.Tensor:
+        """``[Q, H, W]`` float32 cosine logits at the image's own size (the official
+        ``seg_logits_raw``): :meth:`maps` bilinearly resized to ``H x W`` (one step from the
+        token map without windows, as NACLIP's and GEM's whole-image pass), then PAMR when
+        ``refine`` is ``pamr``, guided by the normalised model input resized to ``H x W``
+        (NACLIP's evaluation).
+
+        Args:
+            image: ``[H, W, 3]`` uint8.
+            text: ``[Q, D]`` L2-normalised query embeddings (tensor or array).
+            regions: optional ``[H, W]`` int64 instance map of ``image``, for a method with
+                ``uses_regions`` (nearest-resized like the image); None gives such a method None.
+        """
+        x, m = self._maps(image, text, regions)
+        size = tuple(image.shape[:2])
         with torch.inference_mode():
-            out = F.interpolate(m[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+            out = m if tuple(m.shape[-2:]) == size else F.interpolate(
+                m[None], size=size, mode="bilinear", align_corners=False)[0]
             if self.refine == "pamr":
-                guide = torch.from_numpy(np.ascontiguousarray(image)).to(out.device).permute(2, 0, 1)[None].float()
+                guide = x[None]
+                if tuple(guide.shape[-2:]) != size:
+                    guide = F.interpolate(guide, size=size, mode="bilinear", align_corners=False)
                 out = pamr(guide, out[None], self.refine_iterations, self.refine_dilations)[0]
             return out
 

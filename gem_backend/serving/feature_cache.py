@@ -15,8 +15,9 @@ are the key), but decoding and the forward pass are skipped on a hit; the decode
 full oriented size travels with the features.
 
 Redis values are compact: an 8-byte magic + a JSON header (grid, input size, original size,
-dtype) + the patch tokens as raw little-endian float32 (about 2 MB for a 448 x 597 input of
-ViT-B/16), bit-exact, so every worker and replica gives the same prediction whether the
+dtype, and for an image seen through windows each window's box, token grid and padding) + the
+patch tokens as raw little-endian float32 (about 2 MB for a 448 x 597 input of ViT-B/16; through
+windows every window's tokens, e.g. 35 x 784 for 1344 x 1792 through 448/224 windows), bit-exact, so every worker and replica gives the same prediction whether the
 features were computed or fetched (float16, half the size, is read too). Redis failures
 never fail a request: one warning, then the LRU only, with a new try every ``retry_after``
 seconds.
@@ -35,11 +36,13 @@ import numpy as np
 import torch
 
 from ..algorithm.segmentation import ImageEmbedding, SegmentationSettings
+from ..algorithm.windows import Window
 from .redis_gate import RedisGate
 
 logger = logging.getLogger(__name__)
 
-_MAGIC = b"GIE1"
+_MAGIC = b"GIE2"  # GIE1: no windows in the header (still read: one-pass entries did not change)
+_OLD_MAGIC = b"GIE1"
 _HEAD = struct.Struct("<4sI")  # magic, JSON header length
 _DTYPES = {"<f4": 4, "<f2": 2}  # patch token encodings: bytes per value
 
@@ -55,8 +58,9 @@ def image_namespace(settings, segmentation: SegmentationSettings, dtype: str | N
     if segmentation.method != "gem" or segmentation.method_options:
         parts.append(["method", segmentation.method, [list(kv) for kv in segmentation.method_options]])
     if segmentation.windows_above:
+        # "v2": each window's tokens, not the v1 tokens stitched on the image grid
         parts.append(["windows", segmentation.windows_above, segmentation.window, segmentation.window_stride,
-                      segmentation.window_short_side])
+                      segmentation.window_short_side, "v2"])
     return json.dumps(parts)
 
 
@@ -77,9 +81,11 @@ def encode_embedding(emb: ImageEmbedding, dtype: str = "<f4") -> bytes:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     patches = emb.patches.detach().to(torch.float32).cpu().numpy()
     guide = b"" if emb.guide is None else emb.guide.detach().cpu().numpy().astype(np.uint8).tobytes()
-    header = json.dumps(dict(grid=list(emb.grid), input_size=list(emb.input_size),
-                             original_size=list(emb.original_size), shape=list(patches.shape),
-                             dtype=dtype, guide=bool(guide))).encode()
+    head = dict(grid=list(emb.grid), input_size=list(emb.input_size), original_size=list(emb.original_size),
+                shape=list(patches.shape), dtype=dtype, guide=bool(guide))
+    if emb.windows is not None:
+        head["windows"] = [[list(w.box), list(w.grid), list(w.pad)] for w in emb.windows]
+    header = json.dumps(head).encode()
     return _HEAD.pack(_MAGIC, len(header)) + header + patches.astype(dtype).tobytes() + guide
 
 
@@ -89,7 +95,7 @@ def decode_embedding(raw: object) -> ImageEmbedding | None:
         if not isinstance(raw, (bytes, bytearray)) or len(raw) <= _HEAD.size:
             return None
         magic, hlen = _HEAD.unpack_from(raw)
-        if magic != _MAGIC:
+        if magic not in (_MAGIC, _OLD_MAGIC):
             return None
         header = json.loads(bytes(raw[_HEAD.size:_HEAD.size + hlen]))
         n, dim = (int(v) for v in header["shape"])
@@ -99,7 +105,14 @@ def decode_embedding(raw: object) -> ImageEmbedding | None:
         input_size = tuple(int(v) for v in header["input_size"])
         n_patch = _DTYPES[dtype] * n * dim if dtype in _DTYPES else -1
         n_guide = 3 * input_size[0] * input_size[1] if header.get("guide") else 0
-        if n_patch < 0 or len(body) != n_patch + n_guide or grid[0] * grid[1] != n:
+        windows = None
+        if magic == _MAGIC and header.get("windows") is not None:
+            windows = tuple(Window(tuple(int(v) for v in box), tuple(int(v) for v in g), tuple(int(v) for v in pad))
+                            for box, g, pad in header["windows"])
+            if any(len(w.box) != 4 or len(w.grid) != 2 or len(w.pad) != 4 for w in windows):
+                return None
+        expected = sum(w.tokens for w in windows) if windows is not None else grid[0] * grid[1]
+        if n_patch < 0 or len(body) != n_patch + n_guide or expected != n:
             return None
         patches = np.frombuffer(body[:n_patch], dtype=dtype).astype(np.float32).reshape(n, dim)
         if not np.isfinite(patches).all():
@@ -108,7 +121,8 @@ def decode_embedding(raw: object) -> ImageEmbedding | None:
         if n_guide:
             guide = torch.from_numpy(np.frombuffer(body[n_patch:], np.uint8).reshape(*input_size, 3).copy())
         return ImageEmbedding(patches=torch.from_numpy(patches), grid=grid, input_size=input_size,
-                              original_size=tuple(int(v) for v in header["original_size"]), guide=guide)
+                              original_size=tuple(int(v) for v in header["original_size"]), guide=guide,
+                              windows=windows)
     except (ValueError, KeyError, TypeError, struct.error):
         return None
 

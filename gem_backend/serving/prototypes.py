@@ -197,7 +197,8 @@ def _fixed(vec: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _patches(embedding: ImageEmbedding) -> torch.Tensor:
-    p = embedding.patches
+    # one token per grid cell (through windows: the windows' tokens averaged per cell)
+    p = embedding.grid_tokens() if getattr(embedding, "windows", None) is not None else embedding.patches
     return p if isinstance(p, torch.Tensor) else torch.from_numpy(np.asarray(p))
 
 
@@ -207,7 +208,8 @@ def contribution_from_masks(embedding: ImageEmbedding, masks: Mapping[str, np.nd
     ``background``, the patches outside every mask under :data:`BACKGROUND_KEY`.
 
     Args:
-        embedding: the image's GEM features (``patches`` L2-normalised, ``[h*w, D]``).
+        embedding: the image's features (one L2-normalised token per grid cell: ``patches``
+            ``[h*w, D]``, or through windows ``grid_tokens()``).
         masks: ``{label: [H, W] bool}`` (any resolution; only the aspect must be the image's).
     """
     tokens = _patches(embedding).float()
