@@ -289,3 +289,91 @@ def test_unreachable_hub_fails_fast_and_cached_weights_load_without_it(empty_hf_
     assert cached is not golden
     for (name, a), (_, b) in zip(cached.vit.state_dict().items(), golden.vit.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------- image level (harness.Segmenter)
+def _pixel_margins(logits: np.ndarray, query_class: list[int], num_classes: int, scale: float,
+                   prob_thd: float) -> np.ndarray:
+    """The README's decision margin of each pixel, in raw-logit units, from the golden logits:
+    the argmax gap between classes / 2 and, with a threshold, ``|log p_max - log prob_thd| / (2 scale)``."""
+    qc = np.asarray(query_class)
+    per_class = np.stack([logits[qc == c].max(axis=0) for c in range(num_classes)])
+    top2 = np.sort(per_class, axis=0)[-2:]
+    margin = (top2[1] - top2[0]) / 2
+    if prob_thd > 0:
+        z = logits.astype(np.float64) * scale
+        log_p_max = -np.log(np.exp(z - z.max(axis=0)).sum(axis=0))
+        margin = np.minimum(margin, np.abs(log_p_max - np.log(prob_thd)) / (2 * scale))
+    return margin
+
+
+@pytest.fixture(scope="module")
+def segmenters():
+    from gem_backend.evaluation import harness
+
+    loaded = gem_backend.load_gem_model(str(GOLDEN / "config.json"), str(GOLDEN / "weights.safetensors"),
+                                        device="cpu", precision="fp32")
+    made = {}
+    for case_id, case in CASES.items():
+        p = case["protocol"]
+        protocol = harness.Protocol("corrclip", resize=p["resize"], size=p["size"], max_long_side=p["max_long_side"],
+                                    crop=p["crop"], stride=p["stride"], templates=tuple(p["templates"]),
+                                    logit_scale=p["logit_scale"], prob_thd=p["prob_thd"])
+        made[case_id] = harness.Segmenter(loaded, protocol, method="corrclip", method_options={
+            "dino_model": str(GOLDEN / "dino_config.json"), "dino_pretrained": str(GOLDEN / "dino_weights.safetensors")})
+    return made
+
+
+@pytest.mark.parametrize("case_id", sorted(CASES))
+def test_image_matches_the_official_protocol(segmenters, case_id):
+    from gem_backend.evaluation import harness
+
+    case = CASES[case_id]
+    data = np.load(GOLDEN / case["reference"])
+    seg = segmenters[case_id]
+    p = case["protocol"]
+    assert _max_diff(seg.encode(case["queries"]), data["text_embeddings"]) < 1e-5
+    image = np.array(Image.open(GOLDEN / case["image"]).convert("RGB"))
+    inst = data["instance_map"]
+    text = torch.from_numpy(data["text_embeddings"])
+    logits = seg.logits(image, text, regions=inst)
+    error = _max_diff(logits, data["seg_logits_raw"])
+    assert logits.shape == data["seg_logits_raw"].shape and error < TOL
+    query_class = torch.tensor(case["query_class"])
+    args = (query_class, case["num_classes"], p["logit_scale"])
+    decide = lambda lg: harness.decide(lg, *args, prob_thd=p["prob_thd"], background=0).cpu().numpy()  # noqa: E731
+    # the decision and the vote on the golden arrays: exact
+    np.testing.assert_array_equal(decide(torch.from_numpy(data["seg_logits_raw"])), data["seg_pred_pre_vote"])
+    np.testing.assert_array_equal(gem_backend.vote_regions(data["seg_pred_pre_vote"], inst), data["seg_pred"])
+    # on our logits: equal wherever the golden margin exceeds our error
+    robust = _pixel_margins(data["seg_logits_raw"], case["query_class"], case["num_classes"], p["logit_scale"],
+                            p["prob_thd"]) > error
+    pred = decide(logits)
+    assert robust.mean() > 0.95
+    np.testing.assert_array_equal(pred[robust], data["seg_pred_pre_vote"][robust])
+    voted = gem_backend.vote_regions(pred, inst)
+    in_voted = inst != inst.min()  # every voted region's lead survives errors up to 1e-3 (README)
+    keep = robust | in_voted
+    np.testing.assert_array_equal(voted[keep], data["seg_pred"][keep])
+
+
+def test_image_without_regions_is_the_all_zero_map(segmenters):
+    case = CASES["i3"]
+    data = np.load(GOLDEN / case["reference"])
+    image = np.array(Image.open(GOLDEN / case["image"]).convert("RGB"))
+    text = torch.from_numpy(data["text_embeddings"])
+    seg = segmenters["i3"]
+    none = seg.logits(image, text, regions=None)
+    assert torch.equal(none, seg.logits(image, text, regions=np.zeros(image.shape[:2], dtype=np.int64)))
+    assert _max_diff(none, data["seg_logits_raw"]) < TOL
+
+
+def test_windows_padded_to_the_clip_patch_fail_the_goldens(segmenters, monkeypatch):
+    # the official pads to 56, not to the patch: i2's 264 x 304 window becomes 272 x 304, not 280 x 336
+    case = CASES["i2"]
+    data = np.load(GOLDEN / case["reference"])
+    seg = segmenters["i2"]
+    image = np.array(Image.open(GOLDEN / case["image"]).convert("RGB"))
+    text = torch.from_numpy(data["text_embeddings"])
+    monkeypatch.setattr(CorrCLIP, "window_multiple", 16)
+    assert _max_diff(seg.logits(image, text, regions=data["instance_map"]), data["seg_logits_raw"]) > 1e-2

@@ -34,15 +34,15 @@ from torch import nn
 
 from .dense import DenseCLIP, UnsupportedModelError, interpolate_pos_encoding
 from .dino import DINO, DINO_MEAN, DINO_STD, load_dino
+from .windows import REGION_PAD
 
 __all__ = ["CorrCLIP", "merge_regions", "corrclip_scope", "torch_nearest_indices", "ALPHA", "BETA", "TAU",
-           "DBSCAN_EPS", "PAD_REGION_ID"]
+           "DBSCAN_EPS"]
 
 ALPHA = 1.0  # weight of the spatial branch
 BETA = 0.5  # weight of the semantic branch
 TAU = 4.0  # the affinity's temperature: softmax(TAU * S)
 DBSCAN_EPS = 0.2
-PAD_REGION_ID = 10000  # region id of a window's padding, and the base of merged ids
 _NUM_SPATIAL = {12: 5, 24: 12, 32: 28}  # official; other depths: L - 4
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -90,7 +90,7 @@ def merge_regions(regions: torch.Tensor, features: torch.Tensor,
                 labels[other] = label
                 todo.append(other)
     labels_t = torch.from_numpy(labels).to(regions.device)
-    new_ids = torch.cat([ids[:1], PAD_REGION_ID + labels_t])
+    new_ids = torch.cat([ids[:1], REGION_PAD + labels_t])  # the official code's 10000, as the padding's id
     return new_ids[inverse], labels_t
 
 
