@@ -158,9 +158,6 @@ class CorrCLIP(DenseCLIP):
         """The DINO grid ``(h_d, w_d)`` of an ``H x W`` window: the token grid of the output."""
         return self.dino.grid_for(height, width)
 
-    def _dense_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode_image(images)
-
     # ------------------------------------------------------------------ one window
     def _blocks_with_mask(self, blocks, x: torch.Tensor, mask: torch.Tensor, keep: range) -> tuple:
         """Run ``blocks`` on ``x [1, T, width]`` with the additive ``mask [T, T]``; returns the
@@ -228,7 +225,7 @@ class CorrCLIP(DenseCLIP):
         values = torch.cat([branch(z_main), branch(z_spatial)], dim=-1)  # [N_d, 2 width]
         if attn is not None:
             mixed = attn @ values
-        else:  # fused: softmax(TAU f f^T) over the allowed pairs, no [N_d, N_d] float matrix kept
+        else:  # fused: softmax(TAU f f^T) over the allowed pairs without building A (S is freed)
             mixed = F.scaled_dot_product_attention(feat[None], feat[None], values[None], attn_mask=allowed,
                                                    scale=TAU)[0]
         del allowed
