@@ -12,6 +12,8 @@ Modules and their public names:
 - :mod:`.gem`: :class:`GEM` (the image tower with GEM's self-self attention path) and
   ``GEMMethod``.
 - :mod:`.lastblock`: SCLIP, ClearCLIP, NACLIP (a modified last block).
+- :mod:`.scclip`: SC-CLIP and SFP (``SCCLIP``, ``SFP``: outliers fixed, a self-calibrated last
+  block) and their pieces (``lof_outliers``, ``som_outliers``, ``mean_interpolation``, ``posmix``, ...).
 - :mod:`.corrclip`: :class:`CorrCLIP` (DINO v1 affinity in the last block, scoped by a region
   map; ``uses_regions``), ``merge_regions``, ``corrclip_scope``.
 - :mod:`.dino`: :func:`load_dino` (DINO v1 on timm's ViT, a name's hub weights or a file,

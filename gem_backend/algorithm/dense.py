@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DenseCLIP", "CLIPMethod", "UnsupportedModelError", "check_supported", "DEFAULT_TEMPLATES",
+__all__ = ["DenseCLIP", "CLIPMethod", "UnsupportedModelError", "MethodError", "check_supported", "DEFAULT_TEMPLATES",
            "resample_pos_embed", "interpolate_pos_encoding"]
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
@@ -27,6 +27,14 @@ DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
 class UnsupportedModelError(TypeError):
     """The CLIP model's image tower is not a ViT with standard attention that the method can wrap."""
+
+
+class MethodError(ValueError):
+    """Unknown method, unknown option or invalid option value; the message lists the valid ones.
+
+    Defined here, below the factory (:mod:`.methods`), so that a method can raise it for
+    options that depend on the model (e.g. a block index beyond the tower's depth).
+    """
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],

@@ -9,6 +9,8 @@ The methods live one family per module:
 
 - :mod:`.gem`: ``gem`` (GEM, the Grounding Everything Module);
 - :mod:`.lastblock`: ``sclip``, ``clearclip``, ``naclip`` (a modified last block);
+- :mod:`.scclip`: ``scclip``, ``sfp`` (SC-CLIP and SFP: outlier tokens fixed, a calibrated
+  last block over similarity-aggregated and multi-level features);
 - :mod:`.corrclip`: ``corrclip`` (DINO affinity scoped by regions; takes a region map);
 - :mod:`.dense`: ``clip`` (plain CLIP patch tokens), and what every method shares (text
   tower, maps, positional-embedding resizes).
@@ -24,18 +26,15 @@ from typing import Any
 from torch import nn
 
 from .corrclip import CorrCLIP
-from .dense import CLIPMethod, DenseCLIP
+from .dense import CLIPMethod, DenseCLIP, MethodError
 from .gem import GEMMethod
 from .lastblock import NACLIP, SCLIP, ClearCLIP
+from .scclip import SCCLIP, SFP
 
 __all__ = [
     "MethodError", "create_method", "create", "method_names", "method_defaults", "method_options",
     "check_method_options",
 ]
-
-
-class MethodError(ValueError):
-    """Unknown method, unknown option or invalid option value; the message lists the valid ones."""
 
 
 # ---------------------------------------------------------------------- options and the factory
@@ -81,6 +80,10 @@ def _text(default: str) -> _Option:
     return _Option(default, "a non-empty string", lambda v: v if isinstance(v, str) and v else _INVALID)
 
 
+def _non_negative(default: float) -> _Option:
+    return _Option(default, "a finite number >= 0", lambda v: float(v) if _is_real(v) and v >= 0 else _INVALID)
+
+
 def _positive(default: float | None, optional: bool = False) -> _Option:
     def normalise(v):
         if v is None and optional:
@@ -103,6 +106,12 @@ def _naclip_rule(options: dict) -> str | None:
     return None
 
 
+def _scclip_rule(options: dict) -> str | None:
+    if options["multi_start_idx"] >= options["multi_end_idx"]:
+        return "multi_start_idx must be < multi_end_idx (the multi-level states are F_{start+1}..F_{end})"
+    return None
+
+
 _METHODS: dict[str, _Spec] = {
     "gem": _Spec(GEMMethod, "GEM, the Grounding Everything Module (self-self attention in the last depth-1 blocks)", {
         "depth": _int_at_least(7, 1),
@@ -121,6 +130,18 @@ _METHODS: dict[str, _Spec] = {
         "attn_strategy": _choice("naclip", "naclip", "kk", "csa", "vanilla"),
         "gaussian_std": _positive(5.0),
     }, _naclip_rule),
+    # block indices are checked against the model's depth when the method is built
+    "scclip": _Spec(SCCLIP, "SC-CLIP (LOF outliers fixed, self-calibrated last block with multi-level fusion)", {
+        "pre_adjust_idx": _int_at_least(8, 0),
+        "post_adjust_idx": _int_at_least(3, 0),
+        "multi_start_idx": _int_at_least(3, 0),
+        "multi_end_idx": _int_at_least(10, 1),
+        "res_cls": _non_negative(0.3),
+    }, _scclip_rule),
+    "sfp": _Spec(SFP, "SFP (SC-CLIP's frame, SOM/L2/LOF outliers, thresholded similarity attention)", {
+        "pm": _choice("SOM", "SOM", "L2", "LOF"),
+        "res_cls": _non_negative(0.3),
+    }),
     "clip": _Spec(CLIPMethod, "plain CLIP patch tokens (baseline)"),
     "corrclip": _Spec(CorrCLIP, "CorrCLIP (DINO v1 affinity in the last block, scoped by region masks such as SAM 2's)", {
         "dino_model": _text("dino_vitb8"),  # dino_vits8/vits16/vitb8/vitb16 or a config JSON
@@ -130,7 +151,8 @@ _METHODS: dict[str, _Spec] = {
 
 
 def method_names() -> tuple[str, ...]:
-    """The valid method names, ``("gem", "sclip", "clearclip", "naclip", "clip", "corrclip")``."""
+    """The valid method names, ``("gem", "sclip", "clearclip", "naclip", "scclip", "sfp", "clip", "corrclip")``;
+    the first, ``gem``, is the default."""
     return tuple(_METHODS)
 
 
@@ -198,7 +220,8 @@ def create_method(name: str, clip_model: nn.Module, *, tokenizer=None, dino=None
     """A dense method by name around an open_clip CLIP model (used as it is, not modified).
 
     Args:
-        name: ``"gem"``, ``"sclip"``, ``"clearclip"``, ``"naclip"``, ``"clip"`` or ``"corrclip"``.
+        name: ``"gem"``, ``"sclip"``, ``"clearclip"``, ``"naclip"``, ``"scclip"``, ``"sfp"``,
+            ``"clip"`` or ``"corrclip"``.
         clip_model: an ``open_clip.CLIP`` in eval mode with a ViT image tower.
         tokenizer: callable ``list[str] -> LongTensor [C, L]``; default open_clip's.
         dino: ``corrclip`` only: a loaded :class:`~gem_backend.algorithm.dino.DINO`; None loads
@@ -210,7 +233,8 @@ def create_method(name: str, clip_model: nn.Module, *, tokenizer=None, dino=None
         -> ``[B, 1+N, D]``, ``encode_text``, ``encode_prompts``, ``patch_similarity``,
         ``grid_for``, ``similarity_maps(images, text)`` -> ``[B, C, H, W]``.
     Raises:
-        MethodError: unknown method or option, invalid value.
+        MethodError: unknown method or option, invalid value, a block index beyond the
+            model's depth (``scclip``, ``sfp``).
         UnsupportedModelError: an image tower the methods are not defined on.
     """
     full = check_method_options(name, options)
