@@ -377,3 +377,19 @@ def test_windows_padded_to_the_clip_patch_fail_the_goldens(segmenters, monkeypat
     text = torch.from_numpy(data["text_embeddings"])
     monkeypatch.setattr(CorrCLIP, "window_multiple", 16)
     assert _max_diff(seg.logits(image, text, regions=data["instance_map"]), data["seg_logits_raw"]) > 1e-2
+
+
+def test_serving_predictor_runs_corrclip_on_the_dino_grid(clip):
+    # serving has no regions: CorrCLIP's DINO-only mode, tokens on the DINO grid (patch 8)
+    from gem_backend.algorithm.segmentation import GEMPredictor, SegmentationSettings
+
+    loaded = gem_backend.load_gem_model(str(GOLDEN / "config.json"), str(GOLDEN / "weights.safetensors"),
+                                        device="cpu", precision="fp32")
+    options = check_method_options("corrclip", {"dino_model": str(GOLDEN / "dino_config.json"),
+                                                "dino_pretrained": str(GOLDEN / "dino_weights.safetensors")})
+    predictor = GEMPredictor(loaded, SegmentationSettings(method="corrclip", method_options=tuple(sorted(options.items()))))
+    image = np.array(Image.open(GOLDEN / "image_3.png").convert("RGB"))
+    seg = predictor.segment(image, ["cat", "boat"])
+    h_in, w_in = predictor.embedding.input_size
+    assert predictor.embedding.grid == (h_in // 8, w_in // 8)
+    assert seg.label_map.shape == image.shape[:2]
