@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gem_backend import load_gem_model, method_names
+from gem_backend import load_gem_model, method_names, pamr
 from gem_backend.algorithm.segmentation import GEMPredictor, ImageEmbedding, SegmentationSettings
 from gem_backend.algorithm.windows import (REGION_PAD, Window, cell_tokens, resize_regions, sliding_windows,
                                            window_logits)
@@ -212,6 +212,7 @@ class RegionStandIn:
     window_multiple = 56
     uses_regions = True
     patch_size = (16, 16)
+    device = torch.device("cpu")
 
     def __init__(self, cls: bool = False):
         self.cls = cls
@@ -330,3 +331,49 @@ def test_serving_and_eval_agree_through_windows_for_the_successors(loaded, metho
     torch.testing.assert_close(emb.logits(text), logits, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(pred.predict(labels, emb).label_map.astype(np.int64) - 1,
                                   logits.argmax(0).numpy())
+
+
+def test_serving_sees_a_region_method_through_its_padded_window(loaded, monkeypatch):
+    settings = SegmentationSettings(input_size=100, max_long_side=150, threshold=0, min_area=0, method="clip")
+    tower = RegionStandIn()
+    monkeypatch.setitem(loaded.methods, ("clip", ()), tower)
+    pred = GEMPredictor(loaded, settings)
+    image = np.random.default_rng(4).integers(0, 256, (100, 150, 3), dtype=np.uint8)
+    emb = pred.set_image(image)
+    [(x, r)] = tower.calls
+    assert r is None and tuple(x.shape) == (1, 3, 112, 168)  # 96 x 144 input padded to multiples of 56
+    [win] = emb.windows
+    assert emb.input_size == (96, 144) and win.grid == (14, 21) and win.pad == (8, 8, 12, 12)
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    a = F.avg_pool2d(x[:, :1], 8)[0]
+    expected = F.interpolate(torch.cat([a.cos(), a.sin()])[None], size=(112, 168), mode="bilinear",
+                             align_corners=False)[0, :, 8:104, 12:156]
+    torch.testing.assert_close(emb.logits(text), expected)
+
+
+def test_chunked_decision_through_windows_equals_all_at_once(loaded, monkeypatch):
+    from gem_backend.algorithm import segmentation
+
+    labels = [f"thing {i}" for i in range(7)]
+    pred = GEMPredictor(loaded, SegmentationSettings(input_size=64, threshold=0, min_area=0, method="sclip",
+                                                     windows_above=64, window=64, window_stride=48,
+                                                     window_short_side=96))
+    emb = pred.set_image(np.random.default_rng(5).integers(0, 256, (96, 160, 3), dtype=np.uint8))
+    assert emb.windows is not None
+    whole = pred.predict(labels, emb)
+    monkeypatch.setattr(segmentation, "DECISION_CHUNK", 3)  # the running-softmax path, 3 prompts a chunk
+    chunked = pred.predict(labels, emb)
+    np.testing.assert_array_equal(whole.label_map, chunked.label_map)
+    assert len(np.unique(whole.label_map)) > 1
+
+
+def test_pamr_is_guided_by_the_model_input_resized_to_the_image(loaded):
+    # NACLIP's evaluation: logits and the normalised input both bilinearly resized to the image
+    seg = Segmenter(loaded, Protocol("sclip", resize="short", size=112, crop=0), method="naclip", refine="pamr",
+                    refine_iterations=2, refine_dilations=(1, 2))
+    image = np.random.default_rng(6).integers(0, 256, (160, 240, 3), dtype=np.uint8)
+    text = F.normalize(torch.randn(3, loaded.gem.embed_dim), dim=-1)
+    size = (160, 240)
+    guide = F.interpolate(seg.prepare(image)[None], size=size, mode="bilinear", align_corners=False)
+    maps = F.interpolate(seg.maps(image, text)[None], size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(seg.logits(image, text), pamr(guide, maps, 2, (1, 2))[0])

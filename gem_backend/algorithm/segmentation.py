@@ -426,14 +426,19 @@ class GEMPredictor:
         s = self.settings
         grid = self.method.grid_for(x.shape[-2], x.shape[-1])  # the tokens' grid (CorrCLIP: DINO's)
         windowed = [uses_windows(*size, s) for size in original_sizes]
+        # a method that pads its input or takes regions (CorrCLIP) sees even one pass as a window
+        one_window = bool(getattr(self.method, "uses_regions", False)
+                          or getattr(self.method, "window_multiple", None) is not None)
         wins: list[tuple[Window, ...] | None] = [None] * len(original_sizes)
         with torch.inference_mode():
-            if any(windowed):
-                boxes = sliding_windows(x.shape[-2], x.shape[-1], s.window, s.window_stride)
+            if any(windowed) or one_window:
+                height, width = x.shape[-2:]
+                boxes = sliding_windows(height, width, s.window, s.window_stride) if any(windowed) else []
                 patches = []
                 for i, w in enumerate(windowed):
-                    if w:
-                        tokens, found = window_tokens(self.method, x[i].to(self.method.device), boxes)
+                    if w or one_window:
+                        tokens, found = window_tokens(self.method, x[i].to(self.method.device),
+                                                      boxes if w else [(0, height, 0, width)])
                         patches.append(torch.cat(tokens).cpu())
                         wins[i] = tuple(found)
                     else:

@@ -18,7 +18,8 @@ Pipeline of one image (``[H, W, 3]`` uint8 RGB):
    remainder under the patch is dropped, the token grid stretched over the image: NACLIP).
 3. **logits**: the maps bilinearly resized to ``H x W`` (``align_corners=False``; without
    windows in one step from the token map); then PAMR with ``refine`` (guided by the
-   normalised input resized to ``H x W``, as NACLIP). This is the official ``seg_logits_raw``
+   normalised input resized to ``H x W``, as NACLIP; with the ``square`` resize by the image
+   itself). This is the official ``seg_logits_raw``
    (``shared/golden/scclip-reference``, ``tests/test_protocol.py``).
 4. **decision** (:func:`decide`): ``softmax(logit_scale * logits)`` over the ``Q`` queries,
    the max over each class's names gives the class probability, optional SCLIP area
@@ -479,7 +480,7 @@ class Segmenter:
         ``seg_logits_raw``): :meth:`maps` bilinearly resized to ``H x W`` (one step from the
         token map without windows, as NACLIP's and GEM's whole-image pass), then PAMR when
         ``refine`` is ``pamr``, guided by the normalised model input resized to ``H x W``
-        (NACLIP's evaluation).
+        (NACLIP's evaluation; the ``square`` resize of GEM's protocol: by the image itself).
 
         Args:
             image: ``[H, W, 3]`` uint8.
@@ -493,9 +494,13 @@ class Segmenter:
             out = m if tuple(m.shape[-2:]) == size else F.interpolate(
                 m[None], size=size, mode="bilinear", align_corners=False)[0]
             if self.refine == "pamr":
-                guide = x[None]
-                if tuple(guide.shape[-2:]) != size:
-                    guide = F.interpolate(guide, size=size, mode="bilinear", align_corners=False)
+                if self.protocol.resize == "square":
+                    # GEM's protocol has no official PAMR: the image itself guides, as before
+                    guide = torch.from_numpy(np.array(image)).to(out.device).permute(2, 0, 1)[None].float()
+                else:
+                    guide = x[None]
+                    if tuple(guide.shape[-2:]) != size:
+                        guide = F.interpolate(guide, size=size, mode="bilinear", align_corners=False)
                 out = pamr(guide, out[None], self.refine_iterations, self.refine_dilations)[0]
             return out
 
