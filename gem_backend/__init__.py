@@ -15,6 +15,7 @@ The library API, stable from now on (imported lazily: ``import gem_backend`` loa
     from gem_backend import GEM, GEMPredictor, SegmentationSettings, load_gem_model, mask2rle, rle2mask
     from gem_backend import create_method, method_names, pamr     # GEM's successors, PAMR refinement
     from gem_backend import paint_regions, vote_regions           # SAM 2 regions: instance map, region vote
+    from gem_backend import load_dino, CorrCLIP                   # CorrCLIP: DINO v1 + regions
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ _API = {
     "pamr": "gem_backend.algorithm.refine",
     "paint_regions": "gem_backend.algorithm.regions",
     "vote_regions": "gem_backend.algorithm.regions",
+    "load_dino": "gem_backend.algorithm.dino",
+    "CorrCLIP": "gem_backend.algorithm.corrclip",
     "mask2rle": "gem_backend.labelstudio.brush",
     "rle2mask": "gem_backend.labelstudio.brush",
 }

@@ -180,8 +180,8 @@ def _add_eval_parser(sub) -> None:
                         "slide 224/112, 80 templates, per-dataset logit scale and threshold; clearclip: "
                         "ClearCLIP's settings (its re-run of GEM)")
     p.add_argument("--method", default="gem", choices=METHODS,
-                   help="the dense method: gem, sclip, clearclip, naclip, scclip, sfp, or clip "
-                        "(vanilla CLIP patch tokens)")
+                   help="the dense method: gem, sclip, clearclip, naclip, scclip, sfp, corrclip (DINO v1 + "
+                        "region masks; without regions its DINO-only mode), or clip (vanilla CLIP patch tokens)")
     p.add_argument("--method-options", help="JSON object of the method's options, e.g. '{\"gaussian_std\": 3}'")
     p.add_argument("--refine", default="none", choices=REFINES, help="refinement of the logits: none or pamr")
     p.add_argument("--refine-iterations", type=int, default=10, help="PAMR iterations (default 10)")

@@ -37,6 +37,7 @@ README_DEFAULTS = {
     "scclip": {"pre_adjust_idx": 8, "post_adjust_idx": 3, "multi_start_idx": 3, "multi_end_idx": 10, "res_cls": 0.3},
     "sfp": {"pm": "SOM", "res_cls": 0.3},
     "clip": {},
+    "corrclip": {"dino_model": "dino_vitb8", "dino_pretrained": None},
 }
 
 
@@ -149,7 +150,7 @@ def test_gem_method_is_gem(model):
 
 # ---------------------------------------------------------------------- options
 def test_names_and_defaults():
-    assert method_names() == ("gem", "sclip", "clearclip", "naclip", "scclip", "sfp", "clip")
+    assert method_names() == ("gem", "sclip", "clearclip", "naclip", "scclip", "sfp", "clip", "corrclip")
     for name, defaults in README_DEFAULTS.items():
         assert method_defaults(name) == defaults
         assert check_method_options(name) == defaults
@@ -173,12 +174,16 @@ def test_method_objects_carry_full_json_options(model):
     assert method.name == "clearclip"
     assert method.options == {"attn_strategy": "maskclip", "ignore_residual": True}
     assert json.loads(json.dumps(method.options)) == method.options
+    from gem_backend.algorithm.dino import load_dino
+
+    corrclip_dir = shared_path("golden", "corrclip-reference")  # CorrCLIP needs a DINO: the golden tiny one
+    dino = load_dino(str(corrclip_dir / "dino_config.json"), str(corrclip_dir / "dino_weights.safetensors"))
     for name in method_names():
         if name in ("scclip", "sfp"):  # their default block indices need 11+ blocks; this tower has 8
             with pytest.raises(MethodError, match="8 blocks"):
                 create_method(name, model)
             continue
-        m = create_method(name, model)
+        m = create_method(name, model, **({"dino": dino} if name == "corrclip" else {}))
         assert m.name == name and m.options == README_DEFAULTS[name]
 
 

@@ -14,6 +14,11 @@ Modules and their public names:
 - :mod:`.lastblock`: SCLIP, ClearCLIP, NACLIP (a modified last block).
 - :mod:`.scclip`: SC-CLIP and SFP (``SCCLIP``, ``SFP``: outliers fixed, a self-calibrated last
   block) and their pieces (``lof_outliers``, ``som_outliers``, ``mean_interpolation``, ``posmix``, ...).
+- :mod:`.corrclip`: :class:`CorrCLIP` (DINO v1 affinity in the last block, scoped by a region
+  map; ``uses_regions``), ``merge_regions``, ``corrclip_scope``.
+- :mod:`.dino`: :func:`load_dino` (DINO v1 on timm's ViT, a name's hub weights or a file,
+  shared per process) -> :class:`DINO` (``qk_features``).
+- :mod:`.hub`: ``ModelLoadError`` and the fast hub-reachability check the loaders share.
 - :mod:`.methods`: the one factory, ``create_method`` / ``check_method_options`` /
   ``method_names``.
 - :mod:`.models`: :func:`load_gem_model` (the one factory: an open_clip name or config and

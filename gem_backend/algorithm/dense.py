@@ -64,7 +64,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int],
 
 
 def interpolate_pos_encoding(pos_embed: torch.Tensor, old_grid: tuple[int, int],
-                             new_grid: tuple[int, int]) -> torch.Tensor:
+                             new_grid: tuple[int, int], always: bool = False) -> torch.Tensor:
     """The positional-embedding resize of the SCLIP, ClearCLIP and NACLIP repositories.
 
     Bicubic (A = -0.75, no antialias) with ``scale_factor = (g + 0.1) / g0`` used as given,
@@ -75,6 +75,8 @@ def interpolate_pos_encoding(pos_embed: torch.Tensor, old_grid: tuple[int, int],
         pos_embed: ``[1 + h0*w0, width]``, CLS first, patches row-major.
         old_grid: ``(h0, w0)`` of ``pos_embed``.
         new_grid: ``(h, w)`` wanted.
+        always: resample even at the native grid (DINO v1 does for a non-square input with
+            the native token count; the ``+ 0.1`` scale then moves the values slightly).
     Returns:
         ``[1 + h*w, width]`` in the dtype of ``pos_embed`` (computed in float32: bicubic is
         not implemented for half types everywhere); ``pos_embed`` itself at the native grid.
@@ -82,7 +84,7 @@ def interpolate_pos_encoding(pos_embed: torch.Tensor, old_grid: tuple[int, int],
         count would not be resized there; here it is, since its layout differs.)
     """
     (h0, w0), (h, w) = tuple(old_grid), tuple(new_grid)
-    if (h, w) == (h0, w0):
+    if (h, w) == (h0, w0) and not always:
         return pos_embed
     width = pos_embed.shape[-1]
     grid = pos_embed[1:].float().reshape(1, h0, w0, width).permute(0, 3, 1, 2)

@@ -11,6 +11,7 @@ The methods live one family per module:
 - :mod:`.lastblock`: ``sclip``, ``clearclip``, ``naclip`` (a modified last block);
 - :mod:`.scclip`: ``scclip``, ``sfp`` (SC-CLIP and SFP: outlier tokens fixed, a calibrated
   last block over similarity-aggregated and multi-level features);
+- :mod:`.corrclip`: ``corrclip`` (DINO affinity scoped by regions; takes a region map);
 - :mod:`.dense`: ``clip`` (plain CLIP patch tokens), and what every method shares (text
   tower, maps, positional-embedding resizes).
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from .corrclip import CorrCLIP
 from .dense import CLIPMethod, DenseCLIP, MethodError
 from .gem import GEMMethod
 from .lastblock import NACLIP, SCLIP, ClearCLIP
@@ -67,6 +69,15 @@ def _flag(default: bool) -> _Option:
 
 def _int_at_least(default: int, low: int) -> _Option:
     return _Option(default, f"an integer >= {low}", lambda v: int(v) if _is_int(v) and v >= low else _INVALID)
+
+
+def _optional_text(default: str | None) -> _Option:
+    return _Option(default, "None | a string",
+                   lambda v: (v or None) if v is None or isinstance(v, str) else _INVALID)
+
+
+def _text(default: str) -> _Option:
+    return _Option(default, "a non-empty string", lambda v: v if isinstance(v, str) and v else _INVALID)
 
 
 def _non_negative(default: float) -> _Option:
@@ -132,11 +143,15 @@ _METHODS: dict[str, _Spec] = {
         "res_cls": _non_negative(0.3),
     }),
     "clip": _Spec(CLIPMethod, "plain CLIP patch tokens (baseline)"),
+    "corrclip": _Spec(CorrCLIP, "CorrCLIP (DINO v1 affinity in the last block, scoped by region masks such as SAM 2's)", {
+        "dino_model": _text("dino_vitb8"),  # dino_vits8/vits16/vitb8/vitb16 or a config JSON
+        "dino_pretrained": _optional_text(None),  # a weights file; None: the name's hub weights
+    }),
 }
 
 
 def method_names() -> tuple[str, ...]:
-    """The valid method names, ``("gem", "sclip", "clearclip", "naclip", "scclip", "sfp", "clip")``;
+    """The valid method names, ``("gem", "sclip", "clearclip", "naclip", "scclip", "sfp", "clip", "corrclip")``;
     the first, ``gem``, is the default."""
     return tuple(_METHODS)
 
@@ -201,14 +216,17 @@ def check_method_options(name: str, options: Mapping | None = None) -> dict:
     return full
 
 
-def create_method(name: str, clip_model: nn.Module, *, tokenizer=None, **options) -> DenseCLIP:
+def create_method(name: str, clip_model: nn.Module, *, tokenizer=None, dino=None, **options) -> DenseCLIP:
     """A dense method by name around an open_clip CLIP model (used as it is, not modified).
 
     Args:
-        name: ``"gem"``, ``"sclip"``, ``"clearclip"``, ``"naclip"``, ``"scclip"``, ``"sfp"`` or
-            ``"clip"``.
+        name: ``"gem"``, ``"sclip"``, ``"clearclip"``, ``"naclip"``, ``"scclip"``, ``"sfp"``,
+            ``"clip"`` or ``"corrclip"``.
         clip_model: an ``open_clip.CLIP`` in eval mode with a ViT image tower.
         tokenizer: callable ``list[str] -> LongTensor [C, L]``; default open_clip's.
+        dino: ``corrclip`` only: a loaded :class:`~gem_backend.algorithm.dino.DINO`; None loads
+            the one its ``dino_model``/``dino_pretrained`` options name on the CLIP's device
+            and dtype (shared per process).
         **options: the method's options (:func:`method_defaults`); the rest default.
     Returns:
         An ``nn.Module`` with ``.name``, ``.options`` (all of them), ``encode_image(images)``
@@ -220,6 +238,10 @@ def create_method(name: str, clip_model: nn.Module, *, tokenizer=None, **options
         UnsupportedModelError: an image tower the methods are not defined on.
     """
     full = check_method_options(name, options)
+    if name == "corrclip":
+        return CorrCLIP(clip_model, full, tokenizer=tokenizer, dino=dino)
+    if dino is not None:
+        raise MethodError(f"method {name!r} takes no DINO model")
     return _METHODS[name].cls(clip_model, full, tokenizer=tokenizer)
 
 

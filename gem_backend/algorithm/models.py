@@ -25,8 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .gem import GEM
+from .hub import HUB_PROBE_TIMEOUT_S, ModelLoadError, hub_offline_reason, hub_reachable  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from .dense import DenseCLIP
@@ -45,13 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "ViT-B-16-quickgelu"
 DEFAULT_PRETRAINED = "metaclip_400m"
 
-HUB_PROBE_TIMEOUT_S = 3.0
-
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """The model or its weights could not be loaded; the message says what to do."""
 
 
 @dataclass
@@ -238,52 +231,6 @@ def cached_weights_file(pretrained_cfg: dict, cache_dir: str | None = None) -> s
     return None
 
 
-def hub_reachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the Hugging Face endpoint (``HF_ENDPOINT``), or to the proxy
-    the environment routes it through, opens within ``timeout`` seconds, name lookup included."""
-    from urllib.parse import urlsplit
-    from urllib.request import getproxies, proxy_bypass
-
-    if endpoint is None:
-        from huggingface_hub import constants
-
-        endpoint = constants.ENDPOINT
-    url = urlsplit(endpoint)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    proxies = getproxies()
-    proxy = proxies.get(url.scheme) or proxies.get("all")
-    if proxy and host and not proxy_bypass(host):
-        purl = urlsplit(proxy if "://" in proxy else "http://" + proxy)
-        host, port = purl.hostname, purl.port or (1080 if purl.scheme.startswith("socks") else 80)
-    if not host:
-        return False
-    opened: list[bool] = []
-
-    def attempt() -> None:  # in a thread: a name lookup has no timeout of its own
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            opened.append(True)
-        except OSError:
-            opened.append(False)
-
-    probe = threading.Thread(target=attempt, name="hub-probe", daemon=True)
-    probe.start()
-    probe.join(timeout)
-    return bool(opened and opened[0])
-
-
-def _hub_offline() -> str | None:
-    """Why the hub cannot be used now, or None."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    if not hub_reachable():
-        return (f"the Hugging Face hub {constants.ENDPOINT} (HF_ENDPOINT) could not be reached "
-                f"within {HUB_PROBE_TIMEOUT_S:g} s")
-    return None
-
-
 def _known_tags(model_name: str) -> str:
     import open_clip
 
@@ -347,7 +294,7 @@ def load_gem_model(model_name: str = DEFAULT_MODEL, pretrained: str | None = DEF
                 warnings.warn(f"QuickGELU mismatch between {model_name!r} and the weights {tag!r}: "
                               "use the model name the tag was trained with", UserWarning, stacklevel=2)
         elif tag_cfg.get("hf_hub"):
-            why = _hub_offline()
+            why = hub_offline_reason()
             if why:
                 raise _download_hint(model_name, tag, ConnectionError(f"not in the cache and {why}"))
 

@@ -432,7 +432,7 @@ class GEMPredictor:
             ``B`` :class:`ImageEmbedding`; each image's result is the same as alone.
         """
         s = self.settings
-        grid = self.gem.grid_for(x.shape[-2], x.shape[-1])
+        grid = self.method.grid_for(x.shape[-2], x.shape[-1])  # the tokens' grid (CorrCLIP: DINO's)
         windowed = [uses_windows(*size, s) for size in original_sizes]
         # a method that pads its input or takes regions (CorrCLIP) sees even one pass as a window
         one_window = bool(getattr(self.method, "uses_regions", False)
