@@ -22,7 +22,8 @@ from helpers import GOLDEN, shared_path
 from test_prelabel import GEM_ENV, TOKEN, _connect, _main_in_process, connected_backend, label_studio  # noqa: F401
 
 from gem_backend.evaluation.project import (ProjectEvalConfig, ProjectEvalError, build_variants, choose_annotation,
-                                            decode_bitmask, parse_sweeps, rasterise, run_project_eval)
+                                            parse_sweeps, rasterise, run_project_eval)
+from gem_backend.labelstudio.annotations import bitmask_mask as decode_bitmask
 from gem_backend.labelstudio.brush import mask2rle
 
 VOC_NAMES = json.loads(shared_path("data", "voc-mini", "SOURCES.json").read_text())["class_names"]
@@ -67,7 +68,7 @@ def test_polygon_percent_points_cover_the_pixels_inside():
 
 def test_polygons_of_a_mask_with_holes_fill_back_to_it():
     from gem_backend.algorithm.geometry import mask_polygons
-    from gem_backend.evaluation.project import fill_polygon
+    from gem_backend.labelstudio.annotations import fill_polygon
     from test_geometry import rasterize
 
     rng = np.random.default_rng(1)

@@ -24,9 +24,7 @@ Label Studio API calls: ``GET /api/projects/{id}``, ``GET /api/ml?project={id}``
 
 from __future__ import annotations
 
-import base64
 import heapq
-import io
 import itertools
 import json
 import math
@@ -41,15 +39,15 @@ from PIL import Image, ImageDraw
 from .datasets import voc_palette
 from .harness import confusion_matrix, segmentation_metrics
 from ..algorithm.methods import method_names
-from ..algorithm.segmentation import REFINE_KINDS, resize_nearest
+from ..algorithm.segmentation import REFINE_KINDS
 from ..labelstudio.api import LabelStudioAPI, LabelStudioError
-from ..labelstudio.brush import rle2mask
+from ..labelstudio.annotations import label_map
 from ..labelstudio.images import ImageError, decode_image
 from ..serving.service import GEMService, RequestError, task_problem
 from ..settings import SettingsError, parse_extra_params
 
 __all__ = ["add_project_flags", "cmd_eval_project", "ProjectEvalConfig", "ProjectEvalError", "Variant", "RASTER_KINDS", "SMALL_SAMPLE", "choose_annotation",
-           "decode_bitmask", "fill_polygon", "parse_compare", "parse_sweeps", "rasterise", "run_project_eval"]
+           "parse_compare", "parse_sweeps", "rasterise", "run_project_eval"]
 
 # result types turned into label maps
 RASTER_KINDS = ("brushlabels", "polygonlabels", "bitmasklabels")
@@ -62,83 +60,19 @@ class ProjectEvalError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------- rasterising
-def decode_bitmask(data_url: str) -> np.ndarray:
-    """A ``bitmasklabels`` ``imageDataURL`` (``data:image/png;base64,...``) -> ``[H, W]`` bool:
-    opaque pixels (alpha > 0) are the region; a PNG without alpha: non-zero pixels."""
-    if not isinstance(data_url, str) or "," not in data_url:
-        raise ValueError("imageDataURL is not a data URL")
-    head, _, payload = data_url.partition(",")
-    raw = base64.b64decode(payload) if head.endswith(";base64") else payload.encode("latin-1")
-    with Image.open(io.BytesIO(raw)) as im:
-        im.load()
-        if "A" in im.getbands():
-            return np.asarray(im.getchannel("A")) > 0
-        return np.asarray(im.convert("L")) > 0
-
-
-def _region_mask(result: Mapping, kind: str, size: tuple[int, int]) -> np.ndarray:
-    """``[H, W]`` bool mask of one result at ``size`` = ``(H, W)``."""
-    height, width = size
-    value = result.get("value") or {}
-    if kind == "polygonlabels":
-        points = np.asarray(value.get("points") or [], dtype=np.float64).reshape(-1, 2)
-        return fill_polygon(points * [width / 100.0, height / 100.0], size)
-    own = (int(result.get("original_height") or height), int(result.get("original_width") or width))
-    if kind == "brushlabels":
-        if value.get("format", "rle") != "rle":
-            raise ValueError(f"brush format {value.get('format')!r} is not rle")
-        mask = rle2mask(value.get("rle") or [], *own) > 0
-    else:
-        mask = decode_bitmask(value.get("imageDataURL"))
-    if mask.shape != tuple(size):
-        mask = resize_nearest(mask.astype(np.uint16), size).astype(bool)
-    return mask
-
-
-def fill_polygon(xy: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """``[H, W]`` bool: the pixels whose centre lies inside the polygon ``xy`` (``[N, 2]``
-    pixel-corner coordinates ``(x, y)``), by the even-odd rule, so the zero-width cuts that
-    join a hole to its outline leave the hole empty."""
-    height, width = size
-    out = np.zeros((height, width), bool)
-    if len(xy) < 3:
-        return out
-    x0, y0 = xy[:, 0], xy[:, 1]
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    rows = np.arange(height)[:, None] + 0.5
-    crosses = (y0[None] <= rows) != (y1[None] <= rows)  # [H, E]: half-open, so a vertex counts once
-    r, e = np.nonzero(crosses)
-    if not r.size:
-        return out
-    x = x0[e] + (rows[r, 0] - y0[e]) * (x1[e] - x0[e]) / (y1[e] - y0[e])
-    # each crossing toggles the pixels whose centre is right of it
-    start = np.clip(np.ceil(x - 0.5), 0, width).astype(np.int64)
-    toggles = np.zeros((height, width + 1), np.int64)
-    np.add.at(toggles, (r, start), 1)
-    return (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
-
-
 def rasterise(results: Iterable[Mapping], from_name: str, labels: Sequence[str], size: tuple[int, int]) -> np.ndarray:
     """The regions of control ``from_name`` -> ``[H, W]`` uint8 label map at ``size``.
 
     0 where no region is, ``i + 1`` where ``labels[i]`` is; brush (RLE), polygon (percent
-    points) and bitmask (PNG data URL) results; a region whose first label is not in ``labels``
-    is left out. Overlaps: the later region in ``results`` wins.
+    points) and bitmask (PNG data URL) results, read by
+    :func:`gem_backend.labelstudio.annotations.label_map` (the reader the agreement figures
+    use too); a region whose labels are not in ``labels`` is left out. Overlaps: the later
+    region in ``results`` wins. Undecodable regions are left out.
     """
-    index = {label: i + 1 for i, label in enumerate(labels)}
     if len(labels) > 254:
         raise ValueError("at most 254 labels per control")
-    out = np.zeros(size, np.uint8)
-    for result in results:
-        kind = result.get("type")
-        if result.get("from_name") != from_name or kind not in RASTER_KINDS:
-            continue
-        names = (result.get("value") or {}).get(kind) or []
-        value = index.get(names[0]) if names else None
-        if value is None:
-            continue
-        out[_region_mask(result, kind, size)] = value
-    return out
+    out, _ = label_map(results, labels, None, size, from_name=from_name, kinds=RASTER_KINDS)
+    return out.astype(np.uint8)
 
 
 def choose_annotation(annotations: Sequence[Mapping], ground_truth_only: bool = False) -> Mapping | None:

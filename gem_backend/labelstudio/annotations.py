@@ -28,11 +28,11 @@ import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .brush import rle2mask
 
-__all__ = ["AnnotationError", "MASK_KINDS", "bitmask_mask", "label_map", "polygon_mask", "rectangle_mask",
+__all__ = ["AnnotationError", "MASK_KINDS", "bitmask_mask", "label_map", "polygon_mask", "fill_polygon", "rectangle_mask",
            "region_mask", "result_masks"]
 
 MASK_KINDS = ("brushlabels", "polygonlabels", "rectanglelabels", "bitmasklabels")
@@ -58,7 +58,8 @@ def region_size(result: Mapping, fallback: tuple[int, int] | None) -> tuple[int,
 
 
 def polygon_mask(points: Any, height: int, width: int) -> np.ndarray:
-    """``[H, W]`` bool: a polygon with ``points`` ``[[x, y], ...]`` in percent, filled."""
+    """``[H, W]`` bool: a polygon with ``points`` ``[[x, y], ...]`` in percent, filled
+    (:func:`fill_polygon`: pixel centres inside, even-odd)."""
     if not isinstance(points, list) or len(points) < 3:
         raise AnnotationError("a polygon needs at least 3 points")
     xy = []
@@ -69,9 +70,30 @@ def polygon_mask(points: Any, height: int, width: int) -> np.ndarray:
         if not (math.isfinite(x) and math.isfinite(y)):
             raise AnnotationError("polygon point is not finite")
         xy.append((x / 100.0 * width, y / 100.0 * height))
-    img = Image.new("L", (width, height), 0)
-    ImageDraw.Draw(img).polygon(xy, fill=255)
-    return np.asarray(img) > 0
+    return fill_polygon(np.asarray(xy, dtype=np.float64), (height, width))
+
+
+def fill_polygon(xy: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[H, W]`` bool: the pixels whose centre lies inside the polygon ``xy`` (``[N, 2]``
+    pixel-corner coordinates ``(x, y)``), by the even-odd rule, so the zero-width cuts that
+    join a hole to its outline leave the hole empty."""
+    height, width = size
+    out = np.zeros((height, width), bool)
+    if len(xy) < 3:
+        return out
+    x0, y0 = xy[:, 0], xy[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    rows = np.arange(height)[:, None] + 0.5
+    crosses = (y0[None] <= rows) != (y1[None] <= rows)  # [H, E]: half-open, so a vertex counts once
+    r, e = np.nonzero(crosses)
+    if not r.size:
+        return out
+    x = x0[e] + (rows[r, 0] - y0[e]) * (x1[e] - x0[e]) / (y1[e] - y0[e])
+    # each crossing toggles the pixels whose centre is right of it
+    start = np.clip(np.ceil(x - 0.5), 0, width).astype(np.int64)
+    toggles = np.zeros((height, width + 1), np.int64)
+    np.add.at(toggles, (r, start), 1)
+    return (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
 
 
 def rectangle_mask(value: Mapping, height: int, width: int) -> np.ndarray:
@@ -219,7 +241,7 @@ def result_masks(results: Iterable[Mapping], to_name: str, size: tuple[int, int]
     return masks, problems
 
 
-def label_map(results: Iterable[Mapping], labels: Sequence[str], to_name: str, size: tuple[int, int],
+def label_map(results: Iterable[Mapping], labels: Sequence[str], to_name: str | None, size: tuple[int, int],
               from_name: str | None = None, kinds: Sequence[str] = MASK_KINDS) -> tuple[np.ndarray, list[str]]:
     """``([H, W] uint16 label map, problems)`` of the results on ``to_name``: ``i + 1`` where
     ``labels[i]`` is, 0 background; ``size`` is ``(H, W)`` (regions of another size are
@@ -232,7 +254,7 @@ def label_map(results: Iterable[Mapping], labels: Sequence[str], to_name: str, s
     index = {label: i + 1 for i, label in enumerate(labels)}
     problems: list[str] = []
     for i, result in enumerate(results):
-        if not isinstance(result, Mapping) or result.get("to_name") != to_name:
+        if not isinstance(result, Mapping) or (to_name is not None and result.get("to_name") != to_name):
             continue
         kind = result.get("type")
         if kind not in kinds or (from_name is not None and result.get("from_name") != from_name):
