@@ -9,7 +9,6 @@ and deliberately wrong variants that must miss.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
