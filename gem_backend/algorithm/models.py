@@ -272,7 +272,7 @@ def hub_reachable(endpoint: str | None = None, timeout: float = HUB_PROBE_TIMEOU
     return bool(opened and opened[0])
 
 
-def _hub_offline() -> str | None:
+def hub_offline_reason() -> str | None:
     """Why the hub cannot be used now, or None."""
     from huggingface_hub import constants
 
@@ -347,7 +347,7 @@ def load_gem_model(model_name: str = DEFAULT_MODEL, pretrained: str | None = DEF
                 warnings.warn(f"QuickGELU mismatch between {model_name!r} and the weights {tag!r}: "
                               "use the model name the tag was trained with", UserWarning, stacklevel=2)
         elif tag_cfg.get("hf_hub"):
-            why = _hub_offline()
+            why = hub_offline_reason()
             if why:
                 raise _download_hint(model_name, tag, ConnectionError(f"not in the cache and {why}"))
 
