@@ -317,3 +317,37 @@ def test_eval_regions_errors_and_offline_sam2_weights(tmp_path, monkeypatch, cap
     assert time.perf_counter() - started < 20  # the GEM model loads too; SAM 2 fails at once
     err = capsys.readouterr().err
     assert "facebook/sam2.1-hiera-tiny" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_bulk_streams_compute_regions_once_per_image_and_share_them_through_redis(tmp_path, loaded, monkeypatch,
+                                                                                 redis_url):
+    settings = make_settings(tmp_path, GEM_REGIONS="sam2", GEM_REGIONS_PRETRAINED="none", GEM_MIN_AREA="0.03",
+                             REDIS_URL=redis_url)
+    a, b = jpeg_uri(photo(120, 80)), jpeg_uri(photo(90, 60))
+    tasks = [{"id": i, "data": {"image": url}} for i, url in enumerate([a, b, a], start=1)]
+    service = GEMService(settings, loaded=loaded)
+    stand_in = StandInRegions()
+    monkeypatch.setattr(service, "region_generator", lambda seg: stand_in)
+    preds = list(service.predict_stream(tasks, service.project(BRUSH_CONFIG)))  # what the bulk jobs run
+    assert stand_in.calls == 2 and all(len(served_labels(p)) == 1 for _, p in preds)
+    # another worker: no in-process caches, the regions come from Redis
+    other = GEMService(settings, loaded=loaded)
+    fresh = StandInRegions()
+    monkeypatch.setattr(other, "region_generator", lambda seg: fresh)
+    again = other.predict_tasks(tasks, BRUSH_CONFIG)
+    assert fresh.calls == 0 and other.region_cache.stats["redis_hits"] == 2
+    assert [without_ids(p) for p in again] == [without_ids(p) for _, p in preds]
+
+
+def test_predict_answers_503_naming_the_missing_sam2_weights_offline(tmp_path, loaded, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    settings = make_settings(tmp_path, GEM_REGIONS="sam2", GEM_REGIONS_MODEL="hiera_tiny",
+                             MODEL_DIR=str(tmp_path / "models"))
+    app, service = make_app(settings, loaded=loaded)
+    started = time.perf_counter()
+    r = app.test_client().post("/predict", json=interactive_body(jpeg_uri(photo(60, 40)), None))
+    assert time.perf_counter() - started < 8
+    assert r.status_code == 503
+    assert "facebook/sam2.1-hiera-tiny" in r.get_data(as_text=True)

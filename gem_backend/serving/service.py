@@ -99,6 +99,7 @@ class GEMService:
         self._image_cache: EmbeddingCache | None = None
         self._region_cache: RegionCache | None = None
         self._sam2: dict[str, Any] = {}  # SAM 2 models by name, loaded on first use
+        self._sam2_errors: dict[str, str] = {}  # like the GEM model's load error: kept, not retried per request
         self._sam2_lock = threading.Lock()
         self._prototype_store = None
         self._store_warned = 0.0
@@ -129,8 +130,10 @@ class GEMService:
             # the SDK's config parser loads lazily (~1 s): warm it before /setup's 3 s timeout matters
             self.project(_WARMUP_CONFIG)
             self.load()
+            if self.settings.segmentation.regions != "none":  # SAM 2 too, before the first request needs it
+                self.region_generator(self.settings.segmentation)
         except ModelUnavailable:
-            pass  # recorded in _load_error; /health and /predict report it
+            pass  # recorded in _load_error (or the SAM 2 error); /health and /predict report it
 
     def load(self):
         """The loaded model; loads it on first call. Raises :class:`ModelUnavailable`."""
@@ -382,12 +385,16 @@ class GEMService:
         with self._sam2_lock:
             loaded = self._sam2.get(seg.regions_model)
             if loaded is None:
+                if seg.regions_model in self._sam2_errors:
+                    raise ModelUnavailable(self._sam2_errors[seg.regions_model])
                 s = self.settings
                 try:
                     loaded = load_sam2(seg.regions_model, s.regions_pretrained, device=s.device,
                                        cache_dir=s.model_dir)
                 except Exception as err:  # noqa: BLE001 - offline, missing package or file: a 503 with why
-                    raise ModelUnavailable(f"SAM 2 regions unavailable: {err}") from None
+                    self._sam2_errors[seg.regions_model] = f"SAM 2 regions unavailable: {err}"
+                    log.error("%s", self._sam2_errors[seg.regions_model])
+                    raise ModelUnavailable(self._sam2_errors[seg.regions_model]) from None
                 self._sam2[seg.regions_model] = loaded
         return RegionGenerator(loaded, points_per_side=seg.regions_points, pred_iou_thresh=seg.regions_iou,
                                stability_score_thresh=seg.regions_stability)
