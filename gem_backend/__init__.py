@@ -15,6 +15,7 @@ The library API, stable from now on (imported lazily: ``import gem_backend`` loa
     from gem_backend import GEM, GEMPredictor, SegmentationSettings, load_gem_model, mask2rle, rle2mask
     from gem_backend import create_method, method_names, pamr     # GEM's successors, PAMR refinement
     from gem_backend import paint_regions, vote_regions           # SAM 2 regions: instance map, region vote
+    from gem_backend import load_sam2, RegionGenerator            # SAM 2's automatic masks (the sam2 extra)
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ _API = {
     "pamr": "gem_backend.algorithm.refine",
     "paint_regions": "gem_backend.algorithm.regions",
     "vote_regions": "gem_backend.algorithm.regions",
+    "load_sam2": "gem_backend.algorithm.sam",
+    "RegionGenerator": "gem_backend.algorithm.sam",
     "mask2rle": "gem_backend.labelstudio.brush",
     "rle2mask": "gem_backend.labelstudio.brush",
 }

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+import gem_backend
 from gem_backend import paint_regions, vote_regions
 from gem_backend.algorithm.sam import (SAM2_MODELS, RegionGenerator, RegionsUnavailable, decode_regions,
                                        encode_regions, load_sam2)
@@ -36,6 +37,7 @@ def tiny_sam():
 # --------------------------------------------------------------------------- the package, on CPU
 def test_sam2_tiny_with_random_weights_generates_masks_on_cpu_and_they_are_painted(tiny_sam):
     assert importlib.util.find_spec("sam2._C") is None  # built without the CUDA extension
+    assert gem_backend.load_sam2 is load_sam2 and gem_backend.RegionGenerator is RegionGenerator
     assert tiny_sam.device.type == "cpu" and tiny_sam.weights_id == "random"
     assert all(p.device.type == "cpu" for p in tiny_sam.model.parameters())
     # thresholds 0 so random weights keep masks; max_side 32: masks at 32 x 24, not 64 x 48

@@ -198,6 +198,8 @@ class RegionGenerator:
     def masks(self, image: np.ndarray) -> np.ndarray:
         """``[K, h, w]`` bool automatic masks of ``image`` at its working size, in the generator's order."""
         work = self.working_image(image)
+        if not work.flags.writeable:  # a PIL-backed array: torchvision warns on read-only input
+            work = work.copy()
         with torch.inference_mode():
             anns = self.generator.generate(work)
         if not anns:
