@@ -362,7 +362,7 @@ class GEMService:
         self.metrics.fetch_seconds.observe(time.perf_counter() - started)
         embedding = self.embed(predictor, pixels, (height, width))
         self.image_cache.put(key, embedding)
-        return embedding, self.image_regions(data, segmentation, pixels)
+        return embedding, self.image_regions(data, segmentation, content_type=content_type, source=source)
 
     # ------------------------------------------------------------------ regions
     @property
@@ -399,25 +399,24 @@ class GEMService:
         return RegionGenerator(loaded, points_per_side=seg.regions_points, pred_iou_thresh=seg.regions_iou,
                                stability_score_thresh=seg.regions_stability)
 
-    def image_regions(self, data: bytes, segmentation: SegmentationSettings, pixels: np.ndarray | None = None,
-                      content_type: str | None = None, source: str = "image") -> np.ndarray | None:
+    def image_regions(self, data: bytes, segmentation: SegmentationSettings, content_type: str | None = None,
+                      source: str = "image") -> np.ndarray | None:
         """The instance map (``[h, w]`` int64, SAM 2's working size) of the image ``data``, or
         None with regions off: from the regions cache (keyed by the bytes, like the features),
-        else SAM 2 on ``pixels`` (``[H, W, 3]`` uint8; decoded from ``data`` when not given),
-        serialised with the GEM forwards, then cached. A re-prediction, a threshold change or a
-        click never runs SAM 2 again."""
+        else SAM 2 on the image decoded for it (at SAM 2's working size, whatever the GEM input
+        needed: the same regions on every path), serialised with the GEM forwards, then cached.
+        A re-prediction, a threshold change or a click never runs SAM 2 again."""
         if segmentation.regions == "none":
             return None
         key = embedding_key(data, regions_namespace(self.settings, segmentation))
         regions, _ = self.region_cache.get(key)
         if regions is not None:
             return regions
-        if pixels is None:
-            from ..algorithm.sam import MAX_WORKING_SIDE
+        from ..algorithm.sam import MAX_WORKING_SIDE
 
-            image = decode_image(data, source, self.fetcher.max_pixels, content_type, min_size=MAX_WORKING_SIDE)
-            check_usable(*original_size(image), source)
-            pixels = np.asarray(image)
+        image = decode_image(data, source, self.fetcher.max_pixels, content_type, min_size=MAX_WORKING_SIDE)
+        check_usable(*original_size(image), source)
+        pixels = np.asarray(image)
         generator = self.region_generator(segmentation)
         with self._infer_lock:
             regions = generator.instance_map(pixels)
@@ -532,7 +531,8 @@ class GEMService:
         check_usable(width, height, source)
         x = predictor.preprocess(np.asarray(image), (height, width))
         self.metrics.fetch_seconds.observe(time.perf_counter() - started)
-        return ("input", key, x, (height, width), self.image_regions(data, segmentation, np.asarray(image)))
+        return ("input", key, x, (height, width),
+                self.image_regions(data, segmentation, content_type=content_type, source=source))
 
     def _embed_prepared(self, futures: Mapping[str, Future], predictor: GEMPredictor, batch: int,
                         regions: dict[str, np.ndarray | None] | None = None) -> dict[str, ImageEmbedding | Exception]:
