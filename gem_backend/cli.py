@@ -294,7 +294,8 @@ def cmd_eval(args) -> int:
                    regions_pretrained=args.regions_pretrained or env.regions_pretrained,
                    regions_points=seg.regions_points if args.regions_points is None else args.regions_points,
                    regions_iou=seg.regions_iou if args.regions_iou is None else args.regions_iou,
-                   regions_stability=seg.regions_stability if args.regions_stability is None else args.regions_stability)
+                   regions_stability=seg.regions_stability if args.regions_stability is None else args.regions_stability,
+                   regions_cache_dir=env.model_dir)
     if regions["regions"] != "none":
         variant += "+regions"
     out = args.out or os.path.join("out", "eval", f"{args.dataset}-{args.protocol}-{variant}")

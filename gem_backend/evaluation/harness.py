@@ -528,7 +528,8 @@ class EvalConfig:
         regions: ``none`` or ``sam2``: after the decision, the label map is voted in SAM 2's
             regions of the image (CorrCLIP's map correction, at the original size):
             ``regions_model``, ``regions_pretrained`` (``hub``, a file, ``none``),
-            ``regions_points``, ``regions_iou``, ``regions_stability`` as in serving.
+            ``regions_points``, ``regions_iou``, ``regions_stability`` as in serving;
+            ``regions_cache_dir``: where hub weights download to (``MODEL_DIR``; default the HF cache).
     """
 
     dataset: str
@@ -551,6 +552,7 @@ class EvalConfig:
     regions_points: int = 8
     regions_iou: float = 0.4
     regions_stability: float = 0.4
+    regions_cache_dir: str | None = None
 
     def __post_init__(self):
         from ..algorithm.sam import check_generator_options, check_sam2_model
@@ -570,7 +572,8 @@ def region_generator_for(cfg: EvalConfig, loaded):
     from ..algorithm.sam import RegionGenerator, RegionsUnavailable, load_sam2
 
     try:
-        sam = load_sam2(cfg.regions_model, cfg.regions_pretrained, device=str(loaded.device))
+        sam = load_sam2(cfg.regions_model, cfg.regions_pretrained, device=str(loaded.device),
+                        cache_dir=cfg.regions_cache_dir)
     except RegionsUnavailable as err:
         raise EvalError(str(err)) from None
     return RegionGenerator(sam, points_per_side=cfg.regions_points, pred_iou_thresh=cfg.regions_iou,
