@@ -19,7 +19,7 @@ ENV PYTHONUNBUFFERED=1 \
     THREADS=8
 
 WORKDIR /app
-COPY requirements.txt constraints.txt ./
+COPY requirements.txt requirements-sam2.txt constraints.txt ./
 
 # 1. torch + torchvision and their dependencies: the biggest layer, kept across code changes.
 #    CPU: the wheels come from the CPU index without dependencies (that index need not carry
@@ -37,6 +37,11 @@ RUN set -eu; \
 COPY docker/check_pins.py ./docker/
 RUN pip install -c constraints.txt -r requirements.txt \
  && python docker/check_pins.py constraints.txt
+# 2b. the SAM 2 extra (GEM_REGIONS=sam2): Meta's code, hash-pinned, built against the torch above
+#     without the optional CUDA extension (pure Python; its default build would fetch a second torch)
+RUN pip install -c constraints.txt "setuptools>=61" \
+ && SAM2_BUILD_CUDA=0 pip install --no-build-isolation --no-deps --require-hashes -r requirements-sam2.txt \
+ && pip check
 
 # 3. the project itself, built from a copy outside /app so no build/ or *.egg-info stays behind
 COPY pyproject.toml README.md /tmp/gem-src/

@@ -16,6 +16,7 @@ The library API, stable from now on (imported lazily: ``import gem_backend`` loa
     from gem_backend import create_method, method_names, pamr     # GEM's successors, PAMR refinement
     from gem_backend import paint_regions, vote_regions           # SAM 2 regions: instance map, region vote
     from gem_backend import load_dino, CorrCLIP                   # CorrCLIP: DINO v1 + regions
+    from gem_backend import load_sam2, RegionGenerator            # SAM 2's automatic masks (the sam2 extra)
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ _API = {
     "vote_regions": "gem_backend.algorithm.regions",
     "load_dino": "gem_backend.algorithm.dino",
     "CorrCLIP": "gem_backend.algorithm.corrclip",
+    "load_sam2": "gem_backend.algorithm.sam",
+    "RegionGenerator": "gem_backend.algorithm.sam",
     "mask2rle": "gem_backend.labelstudio.brush",
     "rle2mask": "gem_backend.labelstudio.brush",
 }

@@ -186,6 +186,17 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--refine", default="none", choices=REFINES, help="refinement of the logits: none or pamr")
     p.add_argument("--refine-iterations", type=int, default=10, help="PAMR iterations (default 10)")
     p.add_argument("--refine-dilations", default="8,16", help="PAMR dilations (default 8,16)")
+    p.add_argument("--regions", choices=("none", "sam2"),
+                   help="vote the label map in SAM 2's regions after the decision (GEM_REGIONS, default none; "
+                        "needs the sam2 extra)")
+    p.add_argument("--regions-model", help="SAM 2.1 model: hiera_tiny, hiera_small, hiera_base_plus, hiera_large "
+                                           "(GEM_REGIONS_MODEL, default hiera_large)")
+    p.add_argument("--regions-pretrained", help="SAM 2 weights: hub (Hugging Face cache), a checkpoint file, or none "
+                                                "(GEM_REGIONS_PRETRAINED)")
+    p.add_argument("--regions-points", type=int, help="SAM 2 points per side (GEM_REGIONS_POINTS, default 8)")
+    p.add_argument("--regions-iou", type=float, help="SAM 2 predicted-IoU threshold (GEM_REGIONS_IOU, default 0.4)")
+    p.add_argument("--regions-stability", type=float,
+                   help="SAM 2 stability-score threshold (GEM_REGIONS_STABILITY, default 0.4)")
     p.add_argument("--compare", metavar="METHOD[+REFINE],...",
                    help="run several variants on the dataset and write one table, e.g. gem,naclip,naclip+pamr")
     p.add_argument("--out", help="results and per-image cache (default out/eval/DATASET-PROTOCOL-METHOD)")
@@ -321,12 +332,25 @@ def cmd_eval(args) -> int:
         print(f"gem-backend eval: {err}", file=sys.stderr)
         return 2
     variant = "compare" if args.compare else variant_name(args.method, args.refine)
+    seg = env.segmentation
+    regions = dict(regions=args.regions or seg.regions, regions_model=args.regions_model or seg.regions_model,
+                   regions_pretrained=args.regions_pretrained or env.regions_pretrained,
+                   regions_points=seg.regions_points if args.regions_points is None else args.regions_points,
+                   regions_iou=seg.regions_iou if args.regions_iou is None else args.regions_iou,
+                   regions_stability=seg.regions_stability if args.regions_stability is None else args.regions_stability,
+                   regions_cache_dir=env.model_dir)
+    if regions["regions"] != "none":
+        variant += "+regions"
     out = args.out or os.path.join("out", "eval", f"{args.dataset}-{args.protocol}-{variant}")
-    cfg = EvalConfig(dataset=args.dataset, root=args.root, protocol=protocol, method=args.method,
-                     method_options=options, refine=args.refine, refine_iterations=args.refine_iterations,
-                     refine_dilations=dilations, out_dir=out,
-                     save_predictions=args.save_predictions, limit=args.limit, overwrite=args.overwrite,
-                     progress=not args.no_progress, batch_size=args.batch_size)
+    try:
+        cfg = EvalConfig(dataset=args.dataset, root=args.root, protocol=protocol, method=args.method,
+                         method_options=options, refine=args.refine, refine_iterations=args.refine_iterations,
+                         refine_dilations=dilations, out_dir=out,
+                         save_predictions=args.save_predictions, limit=args.limit, overwrite=args.overwrite,
+                         progress=not args.no_progress, batch_size=args.batch_size, **regions)
+    except EvalError as err:
+        print(f"gem-backend eval: {err}", file=sys.stderr)
+        return 2
     try:
         if args.compare:
             run_comparison(cfg, loaded, parse_variants(args.compare))

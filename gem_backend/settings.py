@@ -123,6 +123,24 @@ def _parse_refine(value: str) -> str:
     return kind
 
 
+def _parse_regions(value: str) -> str:
+    from .algorithm.sam import INSTALL_HINT, sam2_available
+    from .algorithm.segmentation import REGION_KINDS
+
+    kind = str(value).strip().lower()
+    if kind not in REGION_KINDS:
+        raise ValueError(f"must be one of {', '.join(REGION_KINDS)}")
+    if kind == "sam2" and not sam2_available():
+        raise ValueError(INSTALL_HINT)
+    return kind
+
+
+def _parse_sam2_model(value: str) -> str:
+    from .algorithm.sam import check_sam2_model
+
+    return check_sam2_model(str(value).strip().lower())
+
+
 def _parse_ints(value: str | list | tuple) -> tuple[int, ...]:
     items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
     out = []
@@ -180,6 +198,11 @@ _SEG_FIELDS: dict[str, tuple[str, Any]] = {
     "window_stride": ("GEM_WINDOW_STRIDE", int),
     "window_short_side": ("GEM_WINDOW_SHORT_SIDE", int),
     "label_thresholds": ("GEM_LABEL_THRESHOLDS", _parse_label_thresholds),
+    "regions": ("GEM_REGIONS", _parse_regions),
+    "regions_model": ("GEM_REGIONS_MODEL", _parse_sam2_model),
+    "regions_points": ("GEM_REGIONS_POINTS", int),
+    "regions_iou": ("GEM_REGIONS_IOU", float),
+    "regions_stability": ("GEM_REGIONS_STABILITY", float),
 }
 
 
@@ -196,6 +219,7 @@ class Settings:
     ss_attn_iter: int = 1                           # GEM_SS_ATTN_ITER
     ss_attn_temp: float | None = None               # GEM_SS_ATTN_TEMP (unset: adaptive)
     model_dir: str | None = None                    # MODEL_DIR: download cache for pretrained tags
+    regions_pretrained: str = "hub"                 # GEM_REGIONS_PRETRAINED: SAM 2 weights: hub (HF cache), a file, or none
     # segmentation (per-project overridable)
     segmentation: SegmentationSettings = field(default_factory=SegmentationSettings)
     # Label Studio
@@ -264,6 +288,7 @@ class Settings:
             ss_attn_iter=get("GEM_SS_ATTN_ITER", int, base.ss_attn_iter),
             ss_attn_temp=ss_attn_temp,
             model_dir=get("MODEL_DIR", str, None),
+            regions_pretrained=get("GEM_REGIONS_PRETRAINED", str, base.regions_pretrained),
             segmentation=segmentation,
             label_studio_url=get("LABEL_STUDIO_URL", str, None) or get("LABEL_STUDIO_HOST", str, None),
             label_studio_api_key=get("LABEL_STUDIO_API_KEY", str, None),
@@ -350,11 +375,19 @@ class Settings:
         model, weights or decision settings gives a new one.
         """
         seg = segmentation or self.segmentation
-        key = json.dumps(dict(model=self.model, weights=self.weights_id, depth=self.depth,
-                              iter=self.ss_attn_iter, temp=self.ss_attn_temp,
-                              seg=_versioned(seg)), sort_keys=True)
+        parts = dict(model=self.model, weights=self.weights_id, depth=self.depth, iter=self.ss_attn_iter,
+                     temp=self.ss_attn_temp, seg=_versioned(seg))
+        if seg.regions != "none":  # added later: only then, so existing versions stay
+            parts["regions_weights"] = self.regions_weights_id(seg)
+        key = json.dumps(parts, sort_keys=True)
         model = os.path.basename(self.model).removesuffix(".json")
         return f"gem-{model}-{self.weights_id}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+    def regions_weights_id(self, segmentation: SegmentationSettings | None = None) -> str:
+        """Id of the SAM 2 weights ``segmentation`` uses (no loading)."""
+        from .algorithm.sam import sam2_weights_id
+
+        return sam2_weights_id((segmentation or self.segmentation).regions_model, self.regions_pretrained)
 
     def text_namespace(self, templates: tuple[str, ...]) -> str:
         """Cache namespace of text embeddings: model, weights and template set."""
@@ -390,6 +423,9 @@ def _versioned(seg: SegmentationSettings) -> dict:
     if not seg.windows_above:
         for key in ("window", "window_stride", "window_short_side"):
             out.pop(key)
+    if seg.regions == "none":
+        for key in ("regions_model", "regions_points", "regions_iou", "regions_stability"):
+            out.pop(key)
     for key, default in _LATER_SEG_DEFAULTS.items():
         if key in out and out[key] == default:
             out.pop(key)
@@ -404,7 +440,7 @@ def _versioned(seg: SegmentationSettings) -> dict:
 _LATER_SEG_DEFAULTS = {key: getattr(SegmentationSettings(), key) for key in (
     "polygon_tolerance", "score", "prototypes", "prototype_strength", "prototype_min_annotations", "method",
     "method_options", "refine", "refine_iterations", "refine_dilations", "windows_above", "window", "window_stride",
-    "window_short_side", "label_thresholds")}
+    "window_short_side", "label_thresholds", "regions")}
 
 
 def parse_extra_params(extra_params: str | Mapping | None) -> dict:

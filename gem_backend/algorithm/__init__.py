@@ -28,5 +28,7 @@ Modules and their public names:
   it), :class:`ImageEmbedding`, :class:`Segmentation`, :class:`SegmentationSettings`,
   ``model_input_size``, ``blend_prototypes``, ``resize_nearest``, ``nearest_indices``.
 - :mod:`.regions`: class-agnostic regions (instance maps), ``paint_regions``, ``vote_regions``.
+- :mod:`.sam`: SAM 2 (the optional ``sam2`` extra): ``load_sam2``, ``RegionGenerator`` (automatic
+  masks -> instance map), ``encode_regions`` / ``decode_regions`` (compact bytes for caches).
 - :mod:`.geometry`: connected components, outlines, polygons, boxes of masks.
 """

@@ -31,6 +31,7 @@ from PIL import Image
 
 from .gem import DEFAULT_TEMPLATES
 from .windows import Window, cell_tokens, sliding_windows, window_logits, window_tokens
+from .sam import DEFAULT_SAM2_MODEL
 
 # prompts whose maps are upsampled to the model input at once in GEMPredictor.predict: bounds
 # the decision's memory at ~3 x 32 x H_in x W_in floats (150 MB at 448 x 896) for any label count
@@ -42,6 +43,8 @@ DEFAULT_BACKGROUND_PROMPTS: tuple[str, ...] = ("background", "wall", "floor", "g
 SCORE_KINDS: tuple[str, ...] = ("mean_prob", "margin")
 # refinements of the logits before the decision (SegmentationSettings.refine)
 REFINE_KINDS: tuple[str, ...] = ("none", "pamr")
+# class-agnostic regions voted into the label map (SegmentationSettings.regions)
+REGION_KINDS: tuple[str, ...] = ("none", "sam2")
 # key of the background prototype in a prompt -> prototype mapping (see blend_prototypes): it is
 # blended into every background prompt
 BACKGROUND_KEY = "__background__"
@@ -91,6 +94,14 @@ class SegmentationSettings:
         label_thresholds: per-label ``threshold`` as sorted ``(label, value)`` pairs (a dict is
             accepted): a pixel whose winner is that label is background when the winning
             probability is under the label's value (instead of ``threshold``).
+        regions: ``none`` or ``sam2``: SAM 2's automatic masks painted into an instance map
+            (:mod:`gem_backend.algorithm.sam`), and every region but the unsegmented one takes
+            its most frequent label (:func:`~gem_backend.algorithm.regions.vote_regions`), on
+            the label map at the input size, after the decision.
+        regions_model: the SAM 2.1 model (:data:`~gem_backend.algorithm.sam.SAM2_MODELS`).
+        regions_points: SAM 2's point grid is ``regions_points x regions_points``.
+        regions_iou, regions_stability: the mask generator's predicted-IoU and stability
+            thresholds.
     """
 
     input_size: int = 448
@@ -116,6 +127,11 @@ class SegmentationSettings:
     window_stride: int = 224
     window_short_side: int = 1344
     label_thresholds: tuple[tuple[str, float], ...] = ()
+    regions: str = "none"
+    regions_model: str = DEFAULT_SAM2_MODEL
+    regions_points: int = 8
+    regions_iou: float = 0.4
+    regions_stability: float = 0.4
 
     @property
     def decode_short_side(self) -> int:
@@ -170,6 +186,12 @@ class SegmentationSettings:
             raise ValueError(f"prototype_strength must be in [0, 1], got {self.prototype_strength}")
         if self.prototype_min_annotations < 1:
             raise ValueError(f"prototype_min_annotations must be >= 1, got {self.prototype_min_annotations}")
+        if self.regions not in REGION_KINDS:
+            raise ValueError(f"regions must be one of {', '.join(REGION_KINDS)}, got {self.regions!r}")
+        from .sam import check_generator_options, check_sam2_model
+
+        check_sam2_model(self.regions_model)
+        check_generator_options(self.regions_points, self.regions_iou, self.regions_stability)
 
 
 def uses_windows(height: int, width: int, settings: SegmentationSettings) -> bool:
@@ -513,7 +535,7 @@ class GEMPredictor:
 
     def predict(self, labels: Sequence[str], embedding: ImageEmbedding | None = None,
                 prototypes: Mapping[str, tuple] | None = None,
-                thresholds: Mapping[str, float] | None = None) -> Segmentation:
+                thresholds: Mapping[str, float] | None = None, regions: np.ndarray | None = None) -> Segmentation:
         """Masks of ``labels`` on the image given to :meth:`set_image`.
 
         Args:
@@ -522,6 +544,9 @@ class GEMPredictor:
                 embeddings (:func:`blend_prototypes`).
             thresholds: per-prompt thresholds replacing ``settings.threshold`` for the pixels
                 that prompt wins; default ``settings.label_thresholds``.
+            regions: optional ``[h, w]`` instance map of the image (any size, e.g.
+                :meth:`gem_backend.algorithm.sam.RegionGenerator.instance_map`): the label map
+                at the input size is voted in it (:meth:`vote`) before areas and scores.
         Returns:
             a :class:`Segmentation` at the original image size.
         """
@@ -543,6 +568,8 @@ class GEMPredictor:
         else:
             cut = self.settings.threshold
         small = np.where((winner < n) & (best >= cut), winner + 1, 0).astype(np.uint16)
+        if regions is not None:
+            small = self.vote(small, regions)
 
         scores, areas, margins = {}, {}, {}
         h, w = small.shape
@@ -569,6 +596,16 @@ class GEMPredictor:
             areas[label] = float(area)
         return Segmentation(labels, None, scores, areas, input_map=small, confidence=best, margin=margin,
                             margins=margins, original_size=emb.original_size)
+
+    @staticmethod
+    def vote(label_map: np.ndarray, regions: np.ndarray) -> np.ndarray:
+        """The region vote on a small label map: ``regions`` ``[h', w']`` nearest-resized to
+        ``label_map``'s ``[h, w]``, then :func:`~gem_backend.algorithm.regions.vote_regions`.
+        CorrCLIP votes at the original size; at the input size it costs a small map, and the
+        original-size map is this one upsampled (nearest) as without regions."""
+        from .regions import vote_regions
+
+        return vote_regions(label_map, resize_nearest(np.asarray(regions), label_map.shape))
 
     def _decide(self, labels: Sequence[str], emb: ImageEmbedding,
                 prototypes: Mapping[str, tuple] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

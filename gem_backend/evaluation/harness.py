@@ -62,7 +62,9 @@ from PIL import Image
 
 from ..algorithm.methods import MethodError, method_names
 from ..algorithm.refine import pamr
-from ..algorithm.segmentation import REFINE_KINDS
+from ..algorithm.regions import vote_regions
+from ..algorithm.sam import DEFAULT_SAM2_MODEL, HUB_WEIGHTS
+from ..algorithm.segmentation import REFINE_KINDS, REGION_KINDS, resize_nearest
 from ..algorithm.windows import Window, centre_pad, resize_regions, sliding_windows, window_logits, window_tokens
 from .datasets import (IGNORE, CLEARCLIP_VOC21_PROMPTS, DatasetSpec, OpenImagesV7, Sample, get_dataset,
                        load_image, voc_palette)
@@ -73,7 +75,7 @@ __all__ = ["Protocol", "PROTOCOLS", "protocol_for", "EvalError", "confusion_matr
            "point_metrics", "sliding_windows", "run_comparison", "parse_variants", "variant_name",
            "comparison_markdown", "segmenter_for", "METHODS", "REFINES", "resized_size", "decide", "point_scores", "Segmenter",
            "EvalConfig", "run_evaluation", "results_markdown", "is_untrained", "GEM_TEMPLATE", "run_active_learning",
-           "active_learning_markdown", "AL_KS"]
+           "active_learning_markdown", "AL_KS", "region_generator_for"]
 
 GEM_TEMPLATE = "a photo of a {}."
 PROTOCOLS = ("gem", "sclip", "clearclip")
@@ -544,6 +546,11 @@ class EvalConfig:
         overwrite: discard results of a run with other settings in ``out_dir``.
         progress: show a progress bar (tqdm, with ETA).
         batch_size: sliding windows per forward pass.
+        regions: ``none`` or ``sam2``: after the decision, the label map is voted in SAM 2's
+            regions of the image (CorrCLIP's map correction, at the original size):
+            ``regions_model``, ``regions_pretrained`` (``hub``, a file, ``none``),
+            ``regions_points``, ``regions_iou``, ``regions_stability`` as in serving;
+            ``regions_cache_dir``: where hub weights download to (``MODEL_DIR``; default the HF cache).
     """
 
     dataset: str
@@ -560,6 +567,38 @@ class EvalConfig:
     overwrite: bool = False
     progress: bool = True
     batch_size: int = 8
+    regions: str = "none"
+    regions_model: str = DEFAULT_SAM2_MODEL
+    regions_pretrained: str = HUB_WEIGHTS
+    regions_points: int = 8
+    regions_iou: float = 0.4
+    regions_stability: float = 0.4
+    regions_cache_dir: str | None = None
+
+    def __post_init__(self):
+        from ..algorithm.sam import check_generator_options, check_sam2_model
+
+        if self.regions not in REGION_KINDS:
+            raise EvalError(f"regions must be one of {', '.join(REGION_KINDS)}, got {self.regions!r}")
+        try:
+            check_sam2_model(self.regions_model)
+            check_generator_options(self.regions_points, self.regions_iou, self.regions_stability)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+
+
+def region_generator_for(cfg: EvalConfig, loaded):
+    """The SAM 2 :class:`~gem_backend.algorithm.sam.RegionGenerator` of ``cfg``, on the model's
+    device. Raises :class:`EvalError` when SAM 2 cannot be loaded (missing extra, offline)."""
+    from ..algorithm.sam import RegionGenerator, RegionsUnavailable, load_sam2
+
+    try:
+        sam = load_sam2(cfg.regions_model, cfg.regions_pretrained, device=str(loaded.device),
+                        cache_dir=cfg.regions_cache_dir)
+    except RegionsUnavailable as err:
+        raise EvalError(str(err)) from None
+    return RegionGenerator(sam, points_per_side=cfg.regions_points, pred_iou_thresh=cfg.regions_iou,
+                           stability_score_thresh=cfg.regions_stability)
 
 
 _SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -593,6 +632,12 @@ def _variant(cfg: EvalConfig) -> dict:
         out["method_options"] = dict(cfg.method_options)
     if cfg.refine != "none":
         out["refine"] = dict(kind=cfg.refine, iterations=cfg.refine_iterations, dilations=list(cfg.refine_dilations))
+    if cfg.regions != "none":
+        from ..algorithm.sam import sam2_weights_id
+
+        out["regions"] = dict(kind=cfg.regions, model=cfg.regions_model,
+                              weights=sam2_weights_id(cfg.regions_model, cfg.regions_pretrained),
+                              points=cfg.regions_points, iou=cfg.regions_iou, stability=cfg.regions_stability)
     return out
 
 
@@ -637,6 +682,8 @@ def run_evaluation(cfg: EvalConfig, loaded, echo: Callable[[str], None] = print)
              "they only show that the harness runs")
     segmenter = segmenter_for(cfg, loaded)
     if spec.kind == "points":
+        if cfg.regions != "none":
+            raise EvalError(f"{spec.name} is scored at points: the region vote needs label maps (use --regions none)")
         return _run_points(cfg, spec, loaded, segmenter, untrained, echo)
 
     prompts = cfg.protocol.prompts or spec.prompts
@@ -663,6 +710,7 @@ def run_evaluation(cfg: EvalConfig, loaded, echo: Callable[[str], None] = print)
 
     todo = [s for s in samples if not done(s)]
     text = segmenter.encode(names) if todo else None
+    regions = region_generator_for(cfg, loaded) if todo and cfg.regions != "none" else None
     started = time.monotonic()
     for s in _progress(todo, len(samples), cfg, spec):
         image = load_image(s.image_path)
@@ -672,6 +720,8 @@ def run_evaluation(cfg: EvalConfig, loaded, echo: Callable[[str], None] = print)
         logits = segmenter.logits(image, text)
         pred = decide(logits, query_class, num_classes, p.logit_scale, p.prob_thd, p.area_thd,
                       spec.background).cpu().numpy().astype(np.uint8)
+        if regions is not None:  # CorrCLIP's map correction: the instance map nearest-resized to the image
+            pred = vote_regions(pred, resize_nearest(regions.instance_map(image), pred.shape))
         cm = confusion_matrix(pred, gt, num_classes)
         flat = np.flatnonzero(cm)
         _atomic_savez(cache / f"{_safe(s.name)}.npz", index=flat.astype(np.int32), count=cm.ravel()[flat])

@@ -249,3 +249,107 @@ class EmbeddingCache:
             self._down(exc)
             return
         self._up()
+
+
+# ---------------------------------------------------------------------- regions
+def regions_namespace(settings, segmentation: SegmentationSettings) -> str:
+    """Everything besides the image bytes that changes an image's SAM 2 regions: the SAM 2
+    model, its weights and the mask generator's options (not the GEM model or sizing)."""
+    s = segmentation
+    return json.dumps(["regions", s.regions, s.regions_model, settings.regions_weights_id(s), s.regions_points,
+                       s.regions_iou, s.regions_stability])
+
+
+class RegionCache:
+    """Instance maps (SAM 2 regions) by key, beside the image features: an LRU of their
+    compact encodings (:func:`~gem_backend.algorithm.sam.encode_regions`, a few KB each)
+    bounded in bytes, and Redis (``key_prefix`` + key, with a TTL) when a URL is given.
+    Redis failures never fail a request (the LRU only, retried every ``retry_after`` s).
+    """
+
+    def __init__(self, redis_url: str | None = None, max_bytes: int = 64 << 20, ttl: int = 86400,
+                 key_prefix: str = "gem:regions:", retry_after: float = 30.0, redis_timeout: float = 0.5):
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self.max_bytes = int(max_bytes)
+        self.ttl = int(ttl)
+        self._prefix = key_prefix
+        self._lru: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._counts = dict(local_hits=0, redis_hits=0, misses=0, redis_invalid=0)
+        self._gate = RedisGate(redis_url, "regions cache", logger, retry_after, redis_timeout) if redis_url else None
+
+    def get(self, key: str) -> tuple[np.ndarray | None, str]:
+        """``(instance map [h, w] int64, where)``: where is ``"local"``, ``"redis"`` or ``"miss"``."""
+        from ..algorithm.sam import decode_regions
+
+        with self._lock:
+            raw = self._lru.get(key)
+            if raw is not None:
+                self._lru.move_to_end(key)
+                self._counts["local_hits"] += 1
+                return decode_regions(raw), "local"
+        raw = self._redis_get(key)
+        regions = decode_regions(raw) if raw is not None else None
+        with self._lock:
+            if raw is not None and regions is None:
+                self._counts["redis_invalid"] += 1
+            self._counts["redis_hits" if regions is not None else "misses"] += 1
+        if regions is not None:
+            self._lru_put(key, bytes(raw))
+            return regions, "redis"
+        return None, "miss"
+
+    def put(self, key: str, regions: np.ndarray) -> None:
+        from ..algorithm.sam import encode_regions
+
+        raw = encode_regions(regions)
+        self._lru_put(key, raw)
+        client = self._gate.client() if self._gate else None
+        if client is None:
+            return
+        try:
+            client.set(self._prefix + key, raw, ex=self.ttl if self.ttl > 0 else None)
+        except self._gate.errors_types as exc:
+            self._gate.down(exc)
+            return
+        self._gate.up()
+
+    @property
+    def stats(self) -> dict:
+        with self._lock:
+            out: dict = dict(self._counts)
+            out.update(entries=len(self._lru), bytes=self._bytes)
+        out.update(redis_errors=self._gate.errors if self._gate else 0, redis_ok=bool(self._gate and self._gate.ok))
+        return out
+
+    def clear_local(self) -> None:
+        with self._lock:
+            self._lru.clear()
+            self._bytes = 0
+
+    def _lru_put(self, key: str, raw: bytes) -> None:
+        if self.max_bytes == 0 or len(raw) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._lru.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._lru[key] = raw
+            self._bytes += len(raw)
+            while self._bytes > self.max_bytes and self._lru:
+                _, freed = self._lru.popitem(last=False)
+                self._bytes -= len(freed)
+
+    def _redis_get(self, key: str) -> bytes | None:
+        client = self._gate.client() if self._gate else None
+        if client is None:
+            return None
+        try:
+            raw = client.get(self._prefix + key)
+        except self._gate.errors_types as exc:
+            self._gate.down(exc)
+            return None
+        self._gate.up()
+        return raw

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .feature_cache import EmbeddingCache, embedding_key, image_namespace
+from .feature_cache import EmbeddingCache, RegionCache, embedding_key, image_namespace, regions_namespace
 from ..labelstudio.images import ImageError, ImageFetcher, decode_image, original_size
 from ..labelstudio.interactive import InteractiveContext, parse_context, select_region
 from ..labelstudio.spec import BitmaskTarget, BrushTarget, ChoicesTarget, LabelConfigError, LabelTarget, PolygonTarget, RectangleTarget, TextPromptTarget, match_label, parse_labeling_config
@@ -98,6 +98,10 @@ class GEMService:
         self._specs: dict[tuple[str, str], ProjectSpec] = {}
         self._caches_lock = threading.Lock()
         self._image_cache: EmbeddingCache | None = None
+        self._region_cache: RegionCache | None = None
+        self._sam2: dict[str, Any] = {}  # SAM 2 models by name, loaded on first use
+        self._sam2_errors: dict[str, str] = {}  # like the GEM model's load error: kept, not retried per request
+        self._sam2_lock = threading.Lock()
         self._prototype_store = None
         self._store_warned = 0.0
         self._prefetch_pool: ThreadPoolExecutor | None = None
@@ -127,8 +131,10 @@ class GEMService:
             # the SDK's config parser loads lazily (~1 s): warm it before /setup's 3 s timeout matters
             self.project(_WARMUP_CONFIG)
             self.load()
+            if self.settings.segmentation.regions != "none":  # SAM 2 too, before the first request needs it
+                self.region_generator(self.settings.segmentation)
         except ModelUnavailable:
-            pass  # recorded in _load_error; /health and /predict report it
+            pass  # recorded in _load_error (or the SAM 2 error); /health and /predict report it
 
     def load(self):
         """The loaded model; loads it on first call. Raises :class:`ModelUnavailable`."""
@@ -301,7 +307,13 @@ class GEMService:
         """One image (``[H, W, 3]`` uint8 RGB) -> :class:`Segmentation` of ``prompts`` at
         ``original_size`` (``(H0, W0)``, default the image's)."""
         predictor = self.predictor(segmentation)
-        return predictor.predict(list(prompts), self.embed(predictor, image, original_size))
+        embedding = self.embed(predictor, image, original_size)
+        regions = None
+        if segmentation.regions != "none":
+            generator = self.region_generator(segmentation)
+            with self._infer_lock:
+                regions = generator.instance_map(image)
+        return predictor.predict(list(prompts), embedding, regions=regions)
 
     # ------------------------------------------------------------------ image features
     @property
@@ -325,8 +337,17 @@ class GEMService:
 
     def image_embedding(self, predictor: GEMPredictor, url: str, task_id: Any,
                         segmentation: SegmentationSettings) -> ImageEmbedding:
-        """The GEM features of a task image: fetched bytes -> sha256 -> cache; only on a miss
-        is the image decoded and run through the image tower (then cached)."""
+        """The GEM features of a task image (:meth:`image_features` without the regions)."""
+        return self.image_features(predictor, url, task_id, segmentation, with_regions=False)[0]
+
+    def image_features(self, predictor: GEMPredictor, url: str, task_id: Any, segmentation: SegmentationSettings,
+                       with_regions: bool = True) -> tuple[ImageEmbedding, np.ndarray | None]:
+        """``(GEM features, regions)`` of a task image: fetched bytes -> sha256 -> caches; only
+        on a miss is the image decoded and run through the image tower (or SAM 2) and cached.
+        ``regions``: the instance map with ``segmentation.regions`` on (:meth:`image_regions`),
+        else None (also with ``with_regions`` False)."""
+        if not with_regions:
+            segmentation = dataclasses.replace(segmentation, regions="none")
         started = time.perf_counter()
         data, content_type, source = self.fetcher.fetch_raw(url, task_id)
         loaded = self.load()
@@ -334,7 +355,7 @@ class GEMService:
         embedding = self.cached_embedding(key, segmentation)
         if embedding is not None:
             self.metrics.fetch_seconds.observe(time.perf_counter() - started)
-            return embedding
+            return embedding, self.image_regions(data, segmentation, content_type=content_type, source=source)
         # decoding large JPEGs at a reduced scale is enough for the model input
         image = decode_image(data, source, self.fetcher.max_pixels, content_type, min_size=segmentation.decode_short_side)
         width, height = original_size(image)
@@ -343,7 +364,66 @@ class GEMService:
         self.metrics.fetch_seconds.observe(time.perf_counter() - started)
         embedding = self.embed(predictor, pixels, (height, width))
         self.image_cache.put(key, embedding)
-        return embedding
+        return embedding, self.image_regions(data, segmentation, content_type=content_type, source=source)
+
+    # ------------------------------------------------------------------ regions
+    @property
+    def region_cache(self) -> RegionCache:
+        """The regions cache (in-process LRU of compact instance maps, and Redis with ``REDIS_URL``,
+        same TTL as the image features)."""
+        with self._caches_lock:
+            if self._region_cache is None:
+                s = self.settings
+                self._region_cache = RegionCache(s.caches_redis_url, max_bytes=max(0, s.image_cache_mb // 8) << 20,
+                                                 ttl=s.image_cache_ttl)
+            return self._region_cache
+
+    def region_generator(self, segmentation: SegmentationSettings):
+        """A :class:`~gem_backend.algorithm.sam.RegionGenerator` for ``segmentation``'s SAM 2
+        options; the model is loaded once per name. Raises :class:`ModelUnavailable`."""
+        from ..algorithm.sam import RegionGenerator, load_sam2
+
+        seg = segmentation
+        with self._sam2_lock:
+            loaded = self._sam2.get(seg.regions_model)
+            if loaded is None:
+                if seg.regions_model in self._sam2_errors:
+                    raise ModelUnavailable(self._sam2_errors[seg.regions_model])
+                s = self.settings
+                try:
+                    loaded = load_sam2(seg.regions_model, s.regions_pretrained, device=s.device,
+                                       cache_dir=s.model_dir)
+                except Exception as err:  # noqa: BLE001 - offline, missing package or file: a 503 with why
+                    self._sam2_errors[seg.regions_model] = f"SAM 2 regions unavailable: {err}"
+                    log.error("%s", self._sam2_errors[seg.regions_model])
+                    raise ModelUnavailable(self._sam2_errors[seg.regions_model]) from None
+                self._sam2[seg.regions_model] = loaded
+        return RegionGenerator(loaded, points_per_side=seg.regions_points, pred_iou_thresh=seg.regions_iou,
+                               stability_score_thresh=seg.regions_stability)
+
+    def image_regions(self, data: bytes, segmentation: SegmentationSettings, content_type: str | None = None,
+                      source: str = "image") -> np.ndarray | None:
+        """The instance map (``[h, w]`` int64, SAM 2's working size) of the image ``data``, or
+        None with regions off: from the regions cache (keyed by the bytes, like the features),
+        else SAM 2 on the image decoded for it (at SAM 2's working size, whatever the GEM input
+        needed: the same regions on every path), serialised with the GEM forwards, then cached.
+        A re-prediction, a threshold change or a click never runs SAM 2 again."""
+        if segmentation.regions == "none":
+            return None
+        key = embedding_key(data, regions_namespace(self.settings, segmentation))
+        regions, _ = self.region_cache.get(key)
+        if regions is not None:
+            return regions
+        from ..algorithm.sam import MAX_WORKING_SIDE
+
+        image = decode_image(data, source, self.fetcher.max_pixels, content_type, min_size=MAX_WORKING_SIDE)
+        check_usable(*original_size(image), source)
+        pixels = np.asarray(image)
+        generator = self.region_generator(segmentation)
+        with self._infer_lock:
+            regions = generator.instance_map(pixels)
+        self.region_cache.put(key, regions)
+        return regions
 
     def predict_tasks(self, tasks: Sequence[Mapping], label_config: str, extra_params: Any = None,
                       spec: ProjectSpec | None = None, context: Any = None) -> list[dict]:
@@ -424,10 +504,11 @@ class GEMService:
                 current = upcoming
                 # the next window's fetch and decode overlap this window's forwards
                 upcoming = submit(chunks[k + 1]) if k + 1 < len(chunks) else {}
-                ready = self._embed_prepared(current, predictor, batch)
+                ready_regions: dict[str, np.ndarray | None] = {}
+                ready = self._embed_prepared(current, predictor, batch, ready_regions)
                 for task in chunk:
                     try:
-                        yield task, self.predict_task_or_raise(task, spec, context, ready)
+                        yield task, self.predict_task_or_raise(task, spec, context, ready, ready_regions)
                     except (ImageError, ValueError, OSError) as err:
                         yield task, err
         finally:
@@ -436,27 +517,30 @@ class GEMService:
 
     def _prepare_image(self, url: str, task_id: Any, segmentation: SegmentationSettings,
                        predictor: GEMPredictor, namespace: str):
-        """In a prefetch thread: ``("ready", ImageEmbedding)`` from the cache, or ``("input", key,
-        x [1, 3, H_in, W_in], (H, W))`` decoded and resized for the model. Raises image errors."""
+        """In a prefetch thread: ``("ready", ImageEmbedding, regions)`` from the cache, or ``("input",
+        key, x [1, 3, H_in, W_in], (H, W), regions)`` decoded and resized for the model; regions as
+        :meth:`image_regions` gives them (SAM 2 runs here on a miss). Raises image errors."""
         started = time.perf_counter()
         data, content_type, source = self.fetcher.fetch_raw(url, task_id)
         key = embedding_key(data, namespace)
         cached = self.cached_embedding(key, segmentation)
         if cached is not None:
             self.metrics.fetch_seconds.observe(time.perf_counter() - started)
-            return ("ready", cached)
+            return ("ready", cached, self.image_regions(data, segmentation, content_type=content_type, source=source))
         image = decode_image(data, source, self.fetcher.max_pixels, content_type,
                              min_size=segmentation.decode_short_side)
         width, height = original_size(image)
         check_usable(width, height, source)
         x = predictor.preprocess(np.asarray(image), (height, width))
         self.metrics.fetch_seconds.observe(time.perf_counter() - started)
-        return ("input", key, x, (height, width))
+        return ("input", key, x, (height, width),
+                self.image_regions(data, segmentation, content_type=content_type, source=source))
 
-    def _embed_prepared(self, futures: Mapping[str, Future], predictor: GEMPredictor,
-                        batch: int) -> dict[str, ImageEmbedding | Exception]:
+    def _embed_prepared(self, futures: Mapping[str, Future], predictor: GEMPredictor, batch: int,
+                        regions: dict[str, np.ndarray | None] | None = None) -> dict[str, ImageEmbedding | Exception]:
         """Wait for the prepared images in order; run the model on ``batch`` of one input size
-        at a time as they come (the rest at the end). ``{url: ImageEmbedding or image error}``."""
+        at a time as they come (the rest at the end). ``{url: ImageEmbedding or image error}``;
+        each image's regions (or None) go into ``regions`` by URL."""
         ready: dict[str, ImageEmbedding | Exception] = {}
         buckets: dict[tuple, list[tuple[str, str, torch.Tensor, tuple[int, int]]]] = {}
 
@@ -477,10 +561,12 @@ class GEMService:
             except (ImageError, ValueError, OSError) as err:
                 ready[url] = err
                 continue
+            if regions is not None:
+                regions[url] = prepared[-1]
             if prepared[0] == "ready":
                 ready[url] = prepared[1]
                 continue
-            _, key, x, size = prepared
+            _, key, x, size, _ = prepared
             bucket = buckets.setdefault(tuple(x.shape), [])
             bucket.append((url, key, x, size))
             if len(bucket) >= batch:
@@ -509,14 +595,16 @@ class GEMService:
             return self._failed(task, spec, err)
 
     def predict_task_or_raise(self, task: Mapping, spec: ProjectSpec, context: Any = None,
-                              ready: Mapping[str, ImageEmbedding] | None = None) -> dict:
+                              ready: Mapping[str, ImageEmbedding] | None = None,
+                              ready_regions: Mapping[str, np.ndarray | None] | None = None) -> dict:
         """One task -> one prediction dict; image problems raise (:class:`ImageError`,
         ``ValueError``, ``OSError``) so that a caller can report them.
 
         With smart-tool clicks or boxes in ``context`` (an interactive call), the prediction
         holds the one object they designate (:meth:`predict_interactive`). Otherwise every
         output control gets its regions; TextArea text (in ``context`` or the task data)
-        replaces the labels' prompts (:meth:`text_prompts`).
+        replaces the labels' prompts (:meth:`text_prompts`). With regions on, each label map is
+        voted in its image's regions (``ready_regions`` by URL, else :meth:`image_features`).
         """
         ctx = parse_context(context)
         if ctx.has_geometry:
@@ -528,18 +616,21 @@ class GEMService:
         areas: list[float] = []
         margins: list[float] = []
         embeddings: dict[str, ImageEmbedding] = dict(ready or {})
+        regions_by_url: dict[str, np.ndarray | None] = dict(ready_regions or {})
         for target in spec.targets:
             pairs = self._label_prompts(target, texts.get(target.to_name), spec.segmentation)
             if not pairs:
                 continue
             url = task["data"][target.value_key]
             if url not in embeddings:  # several controls on one image share its embedding
-                embeddings[url] = self.image_embedding(predictor, url, task_id, spec.segmentation)
+                embeddings[url], regions_by_url[url] = self.image_features(predictor, url, task_id,
+                                                                           spec.segmentation)
             if isinstance(embeddings[url], Exception):
                 raise embeddings[url]
             result = predictor.predict(list(dict.fromkeys(p for _, p in pairs)), embeddings[url],
                                        prototypes=self.prompt_prototypes(spec, pairs),
-                                       thresholds=prompt_thresholds(spec.segmentation, pairs))
+                                       thresholds=prompt_thresholds(spec.segmentation, pairs),
+                                       regions=regions_by_url.get(url))
             for region, area, margin in self._target_regions(result, target, pairs, spec.segmentation):
                 regions.append(region)
                 areas.append(area)
@@ -568,16 +659,18 @@ class GEMService:
         prompts = list(dict.fromkeys(pairs.values()))
         wanted = match_label(ctx.label, target) if ctx.label else None
         predictor = self.predictor(seg)
-        embedding = self.image_embedding(predictor, task["data"][target.value_key], task.get("id"), seg)
+        embedding, image_regions = self.image_features(predictor, task["data"][target.value_key], task.get("id"), seg)
         probs = predictor.probabilities(prompts, embedding, prototypes=self.prompt_prototypes(
             spec, [(lab, pairs[lab]) for lab in pairs]))
         chosen = select_region(probs, len(prompts), prompts.index(pairs[wanted]) if wanted else None,
                                ctx.clicks, ctx.boxes, seg.threshold)
-        if not chosen.mask.any():
+        small = chosen.mask
+        if image_regions is not None:  # the object snapped to the regions it mostly covers
+            small = predictor.vote(small.astype(np.uint8), image_regions).astype(bool)
+        if not small.any():
             return prediction([], spec.model_version)
         label = wanted or next(lab for lab, p in pairs.items() if p == prompts[chosen.label])
         height, width = embedding.original_size
-        small = chosen.mask
         if isinstance(target, BrushTarget):
             # the full-size mask is never built: its RLE comes from the small one
             stretch = (nearest_indices(small.shape[0], height), nearest_indices(small.shape[1], width))
