@@ -33,7 +33,7 @@ from .scclip import SCCLIP, SFP
 
 __all__ = [
     "MethodError", "create_method", "create", "method_names", "method_defaults", "method_options",
-    "check_method_options",
+    "check_method_options", "method_takes_regions",
 ]
 
 
@@ -154,6 +154,12 @@ def method_names() -> tuple[str, ...]:
     """The valid method names, ``("gem", "sclip", "clearclip", "naclip", "scclip", "sfp", "clip", "corrclip")``;
     the first, ``gem``, is the default."""
     return tuple(_METHODS)
+
+
+def method_takes_regions(name: str) -> bool:
+    """True for a method whose tokens depend on an instance map of the image (``corrclip``):
+    its regions go into the image tower, not only into the vote after the decision."""
+    return bool(getattr(_spec(name).cls, "uses_regions", False))
 
 
 def _spec(name) -> _Spec:

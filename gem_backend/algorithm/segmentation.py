@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .gem import DEFAULT_TEMPLATES
-from .windows import Window, cell_tokens, sliding_windows, window_logits, window_tokens
+from .windows import Window, cell_tokens, resize_regions, sliding_windows, window_logits, window_tokens
 from .sam import DEFAULT_SAM2_MODEL
 
 # prompts whose maps are upsampled to the model input at once in GEMPredictor.predict: bounds
@@ -428,20 +428,24 @@ class GEMPredictor:
         x = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float().div_(255.0)
         return ((x - self._mean) / self._std).unsqueeze(0)
 
-    def set_image(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> ImageEmbedding:
+    def set_image(self, image: np.ndarray, original_size: tuple[int, int] | None = None,
+                  regions: np.ndarray | None = None) -> ImageEmbedding:
         """Run the image tower with GEM once for ``image``.
 
         Args:
             image: ``[H, W, 3]`` uint8 RGB.
             original_size: ``(H0, W0)`` the masks are wanted at, when ``image`` is a
                 reduced copy (e.g. a JPEG decoded at 1/4 scale); default ``(H, W)``.
+            regions: ``[h, w]`` instance map of the image (any size), for a method whose
+                tokens take regions (CorrCLIP); ignored by the others.
         """
         size = tuple(original_size) if original_size else (image.shape[0], image.shape[1])
         x = self.preprocess(image, size)
-        self.embedding = self.embed_batch(x, [size])[0]
+        self.embedding = self.embed_batch(x, [size], None if regions is None else [regions])[0]
         return self.embedding
 
-    def embed_batch(self, x: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[ImageEmbedding]:
+    def embed_batch(self, x: torch.Tensor, original_sizes: Sequence[tuple[int, int]],
+                    regions: Sequence[np.ndarray | None] | None = None) -> list[ImageEmbedding]:
         """The image tower on a batch of preprocessed images of one input size.
 
         Args:
@@ -450,6 +454,9 @@ class GEMPredictor:
                 size :func:`uses_windows` is seen through sliding windows (one forward per
                 window, each window's tokens kept: :func:`~gem_backend.algorithm.windows.
                 window_tokens`).
+            regions: per image an ``[h, w]`` instance map (any size; nearest-resized to the
+                input) or None, for a method with ``uses_regions``; None: no regions (CorrCLIP's
+                DINO-only mode).
         Returns:
             ``B`` :class:`ImageEmbedding`; each image's result is the same as alone.
         """
@@ -467,8 +474,13 @@ class GEMPredictor:
                 patches = []
                 for i, w in enumerate(windowed):
                     if w or one_window:
+                        given = regions[i] if regions is not None else None
+                        r = None
+                        if given is not None and getattr(self.method, "uses_regions", False):
+                            r = resize_regions(torch.as_tensor(np.asarray(given, dtype=np.int64)), (height, width))
+                            r = r.to(self.method.device)
                         tokens, found = window_tokens(self.method, x[i].to(self.method.device),
-                                                      boxes if w else [(0, height, 0, width)])
+                                                      boxes if w else [(0, height, 0, width)], regions=r)
                         patches.append(torch.cat(tokens).cpu())
                         wins[i] = tuple(found)
                     else:

@@ -717,11 +717,12 @@ def run_evaluation(cfg: EvalConfig, loaded, echo: Callable[[str], None] = print)
         gt = s.load_label()
         if gt.shape != image.shape[:2]:
             raise EvalError(f"{s.name}: image {image.shape[:2]} and label {gt.shape} differ in size")
-        logits = segmenter.logits(image, text)
+        instances = None if regions is None else resize_nearest(regions.instance_map(image), image.shape[:2])
+        logits = segmenter.logits(image, text, regions=instances)  # CorrCLIP takes them; the others ignore them
         pred = decide(logits, query_class, num_classes, p.logit_scale, p.prob_thd, p.area_thd,
                       spec.background).cpu().numpy().astype(np.uint8)
-        if regions is not None:  # CorrCLIP's map correction: the instance map nearest-resized to the image
-            pred = vote_regions(pred, resize_nearest(regions.instance_map(image), pred.shape))
+        if instances is not None:  # CorrCLIP's map correction, at the image's size
+            pred = vote_regions(pred, resize_nearest(instances, pred.shape))
         cm = confusion_matrix(pred, gt, num_classes)
         flat = np.flatnonzero(cm)
         _atomic_savez(cache / f"{_safe(s.name)}.npz", index=flat.astype(np.int32), count=cm.ravel()[flat])

@@ -35,6 +35,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from ..algorithm.methods import method_takes_regions
 from ..algorithm.segmentation import ImageEmbedding, SegmentationSettings
 from ..algorithm.windows import Window
 from .redis_gate import RedisGate
@@ -61,6 +62,9 @@ def image_namespace(settings, segmentation: SegmentationSettings, dtype: str | N
         # "v2": each window's tokens, not the v1 tokens stitched on the image grid
         parts.append(["windows", segmentation.windows_above, segmentation.window, segmentation.window_stride,
                       segmentation.window_short_side, "v2"])
+    if segmentation.regions != "none" and method_takes_regions(segmentation.method):
+        # CorrCLIP's tokens depend on the regions themselves
+        parts.append(json.loads(regions_namespace(settings, segmentation)))
     return json.dumps(parts)
 
 

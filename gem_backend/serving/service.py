@@ -294,11 +294,12 @@ class GEMService:
 
     # ------------------------------------------------------------------ prediction
     def embed(self, predictor: GEMPredictor, image: np.ndarray,
-              original_size: tuple[int, int] | None = None) -> ImageEmbedding:
-        """The image tower on one image, serialised per process; timed for /metrics."""
+              original_size: tuple[int, int] | None = None, regions: np.ndarray | None = None) -> ImageEmbedding:
+        """The image tower on one image, serialised per process; timed for /metrics. ``regions``:
+        the instance map, for a method whose tokens take regions (CorrCLIP)."""
         with self._infer_lock:
             started = time.perf_counter()
-            embedding = predictor.set_image(image, original_size)
+            embedding = predictor.set_image(image, original_size, regions)
             self.metrics.forward_seconds.observe(time.perf_counter() - started)
         return embedding
 
@@ -353,18 +354,20 @@ class GEMService:
         loaded = self.load()
         key = embedding_key(data, image_namespace(self.settings, segmentation, str(loaded.dtype)))
         embedding = self.cached_embedding(key, segmentation)
+        # before the tower: a method like CorrCLIP takes the regions as its input
+        regions = self.image_regions(data, segmentation, content_type=content_type, source=source)
         if embedding is not None:
             self.metrics.fetch_seconds.observe(time.perf_counter() - started)
-            return embedding, self.image_regions(data, segmentation, content_type=content_type, source=source)
+            return embedding, regions
         # decoding large JPEGs at a reduced scale is enough for the model input
         image = decode_image(data, source, self.fetcher.max_pixels, content_type, min_size=segmentation.decode_short_side)
         width, height = original_size(image)
         check_usable(width, height, source)
         pixels = np.asarray(image)
         self.metrics.fetch_seconds.observe(time.perf_counter() - started)
-        embedding = self.embed(predictor, pixels, (height, width))
+        embedding = self.embed(predictor, pixels, (height, width), regions)
         self.image_cache.put(key, embedding)
-        return embedding, self.image_regions(data, segmentation, content_type=content_type, source=source)
+        return embedding, regions
 
     # ------------------------------------------------------------------ regions
     @property
@@ -542,15 +545,15 @@ class GEMService:
         at a time as they come (the rest at the end). ``{url: ImageEmbedding or image error}``;
         each image's regions (or None) go into ``regions`` by URL."""
         ready: dict[str, ImageEmbedding | Exception] = {}
-        buckets: dict[tuple, list[tuple[str, str, torch.Tensor, tuple[int, int]]]] = {}
+        buckets: dict[tuple, list[tuple[str, str, torch.Tensor, tuple[int, int], np.ndarray | None]]] = {}
 
         def run(items) -> None:
             x = torch.cat([item[2] for item in items])
             with self._infer_lock:
                 started = time.perf_counter()
-                embeddings = predictor.embed_batch(x, [item[3] for item in items])
+                embeddings = predictor.embed_batch(x, [item[3] for item in items], [item[4] for item in items])
                 per_image = (time.perf_counter() - started) / len(items)
-            for (url, key, _, _), emb in zip(items, embeddings):
+            for (url, key, _, _, _), emb in zip(items, embeddings):
                 self.metrics.forward_seconds.observe(per_image)
                 self.image_cache.put(key, emb)
                 ready[url] = emb
@@ -566,9 +569,9 @@ class GEMService:
             if prepared[0] == "ready":
                 ready[url] = prepared[1]
                 continue
-            _, key, x, size, _ = prepared
+            _, key, x, size, image_regions = prepared
             bucket = buckets.setdefault(tuple(x.shape), [])
-            bucket.append((url, key, x, size))
+            bucket.append((url, key, x, size, image_regions))
             if len(bucket) >= batch:
                 run(bucket)
                 bucket.clear()
