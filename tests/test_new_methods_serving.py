@@ -8,7 +8,6 @@ masks: these tests check the wiring, not quality.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
