@@ -1,16 +1,30 @@
-"""Cost per image of each method, PAMR on/off, and sliding windows: JSON lines on stdout.
+"""Cost per image of each method, PAMR, windows, SAM 2 regions and the vote: JSON lines on stdout.
 
-    .venv/bin/python benchmarks/methods_cost.py [--precision bf16|fp32] [--runs 3] [--labels 20]
+    .venv/bin/python benchmarks/methods_cost.py [--precision fp32|bf16] [--runs 3] [--labels 20]
+        [--rows method,protocol,corrclip,sam2,vote,refine,windows] [--sam2 hiera_tiny,hiera_large]
 
-Random-init ViT-B-16 (the cost does not depend on the weight values), 2 torch threads, CPU.
-Rows:
-- ``method``: the image tower of each method at 448x448 (``encode_image``), median/min;
-- ``refine``: PAMR (10 iterations, dilations 8,16) on the logits of ``--labels`` labels plus
-  the 6 background prompts at 448x448, the way the predictor runs it;
-- ``windows``: a 12-megapixel photo's working size through windows of 448, stride 224, at
-  short sides 448, 896 and 1344: number of windows and seconds (GEM), to show the cost grows
-  with the number of windows.
-Every row names the CPU, its bf16 flags and the load average at the start.
+Random-init ViT-B-16 (the cost does not depend on the weight values), ``--threads`` torch
+threads (2), CPU. Each row group runs in its own process, so its ``peak_rss_mb`` (the process's
+maximum resident set, model included) is its own. Rows:
+
+- ``method``: the image tower of each CLIP-only method at 448x448 (``encode_image``), median/min,
+  and ``x_gem``: the median over GEM's in the same run;
+- ``protocol``: one 336x448 image through each method's official per-image protocol
+  (``harness.Segmenter.logits``: short side 336, windows 224/112 (6 windows), ``--labels`` queries;
+  CorrCLIP: windows 336/112, padded to 56, 2 windows), and ``x_gem`` against GEM under the same;
+- ``corrclip``: CorrCLIP's tower on one 336x336 window with DINO ViT-S/8 and ViT-B/8 (random
+  weights of the real architectures, via timm), with and without regions (a 12-region map);
+- ``sam2``: SAM 2.1 regions of a 640x480 photo (``RegionGenerator.instance_map``: CorrCLIP's 8x8
+  points, thresholds 0.4): total, of which the image encoder (``SAM2ImagePredictor.set_image``),
+  the rest being prompts, mask decoding and post-processing; per model of ``--sam2``;
+- ``vote``: ``vote_regions`` on a 448x597 label map (serving's small map) and on 3000x4000
+  (full size), 60 regions;
+- ``refine``: PAMR (10 iterations, dilations 8,16) on ``--labels`` + 6 prompts at 448x448;
+- ``windows``: GEM through 448/224 windows on a 12-megapixel photo's working size at short
+  sides 448, 896, 1344.
+
+Every row names the CPU, its bf16 flags, the load average at its start and the torch threads.
+bf16 is timed only where the CPU has it natively.
 """
 
 from __future__ import annotations
@@ -18,10 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
+
+ROW_GROUPS = ("method", "protocol", "corrclip", "sam2", "vote", "refine", "windows")
+CLIP_METHODS = ("gem", "clip", "sclip", "clearclip", "naclip", "scclip", "sfp")
 
 
 def cpu() -> dict:
@@ -49,48 +71,178 @@ def timed(fn, runs: int) -> dict:
     return dict(median_s=round(statistics.median(times), 4), min_s=round(min(times), 4))
 
 
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(dict(row, peak_rss_mb=peak_rss_mb())), flush=True)
+
+
+def random_dino(name: str, precision: str):
+    """DINO ``name`` with timm's random initialisation, through ``load_dino`` (a temporary file)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from gem_backend import load_dino
+
+    arch = {"dino_vits8": "vit_small_patch8_224", "dino_vitb8": "vit_base_patch8_224"}[name]
+    vit = timm.create_model(arch, pretrained=False, num_classes=0)
+    path = os.path.join(tempfile.mkdtemp(), f"{name}.safetensors")
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, path)
+    return load_dino(name, path, device="cpu", precision=precision)
+
+
+def photo(height: int, width: int) -> np.ndarray:
+    """A smooth synthetic picture (a few blobs), uint8."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    img = np.stack([np.sin(7 * xx + 3 * yy), np.cos(5 * yy - 2 * xx), np.sin(9 * xx * yy)], axis=-1)
+    return ((img + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def regions_map(height: int, width: int, n: int, seed: int = 0) -> np.ndarray:
+    """An instance map of about ``n`` rectangles (ids 1..n) over part of the image, 0 elsewhere."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((height, width), np.int64)
+    for i in range(1, n + 1):
+        h, w = rng.integers(height // 8, height // 2), rng.integers(width // 8, width // 2)
+        y, x = rng.integers(0, height - h), rng.integers(0, width - w)
+        out[y:y + h, x:x + w] = i
+    return out
+
+
+def run_group(group: str, args, info: dict) -> None:
+    import open_clip
+
+    from gem_backend import create_method, pamr, vote_regions
+
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    base = dict(info, precision=args.precision)
+    if group in ("method", "protocol", "corrclip", "windows"):
+        clip = open_clip.create_model("ViT-B-16", pretrained=None).eval().to(dtype)
+    with torch.inference_mode():
+        if group == "method":
+            x = torch.randn(1, 3, 448, 448)
+            gem_median = None
+            for name in CLIP_METHODS:
+                method = create_method(name, clip)
+                row = timed(lambda: method.encode_image(x), args.runs)
+                gem_median = gem_median or row["median_s"]
+                emit(dict(base, row="method", method=name, size=[448, 448], x_gem=round(row["median_s"] / gem_median, 2),
+                          **row))
+        elif group == "protocol":
+            from gem_backend.algorithm.models import load_gem_model
+            from gem_backend.evaluation.harness import Protocol, Segmenter
+
+            loaded = load_gem_model("ViT-B-16", "none", device="cpu", precision=args.precision)
+            image = photo(336, 448)
+            names = [f"thing {i}" for i in range(args.labels)]
+            gem_median = None
+            variants = [(m, {}, Protocol("sclip", resize="short", size=336, crop=224, stride=112)) for m in CLIP_METHODS]
+            for dino in args.dino.split(","):
+                variants.append(("corrclip", {"dino": dino},
+                                 Protocol("corrclip", resize="short", size=336, crop=336, stride=112)))
+            for name, extra, protocol in variants:
+                options = {}
+                if name == "corrclip":
+                    d = random_dino(extra["dino"], args.precision)
+                    loaded.methods.clear()
+                    loaded.methods[("corrclip", ())] = create_method("corrclip", loaded.gem.model, dino=d)
+                seg = Segmenter(loaded, protocol, method=name, method_options=options)
+                text = seg.encode(names)
+                regions = regions_map(336, 448, 12) if name == "corrclip" else None
+                row = timed(lambda: seg.logits(image, text, regions=regions), max(1, args.runs - 1))
+                gem_median = gem_median or row["median_s"]
+                emit(dict(base, row="protocol", method=name, **extra, image=[336, 448], crop=protocol.crop,
+                          stride=protocol.stride, queries=args.labels, x_gem=round(row["median_s"] / gem_median, 2),
+                          **row))
+        elif group == "corrclip":
+            gem = create_method("gem", clip)
+            x = torch.randn(1, 3, 336, 336)
+            gem_row = timed(lambda: gem.encode_image(x), args.runs)
+            emit(dict(base, row="corrclip", method="gem", size=[336, 336], **gem_row))
+            regions = torch.from_numpy(regions_map(336, 336, 12))[None]
+            for dino in args.dino.split(","):
+                method = create_method("corrclip", clip, dino=random_dino(dino, args.precision))
+                for with_regions in (False, True):
+                    r = regions if with_regions else None
+                    row = timed(lambda: method.encode_image(x, regions=r), args.runs)
+                    emit(dict(base, row="corrclip", method="corrclip", dino=dino, size=[336, 336],
+                              regions=with_regions, x_gem=round(row["median_s"] / gem_row["median_s"], 2), **row))
+        elif group == "sam2":
+            from gem_backend.algorithm.sam import RegionGenerator, load_sam2
+
+            image = photo(480, 640)
+            for name in args.sam2.split(","):
+                gen = RegionGenerator(load_sam2(name, "none", device="cpu"))
+                predictor = gen.generator.predictor
+                spent = []
+                original = predictor.set_image
+
+                def set_image(*a, **kw):
+                    t = time.perf_counter()
+                    out = original(*a, **kw)
+                    spent.append(time.perf_counter() - t)
+                    return out
+
+                predictor.set_image = set_image
+                row = timed(lambda: gen.instance_map(image), max(1, args.runs - 1))
+                encoder = statistics.median(spent[1:] or spent)
+                emit(dict(base, row="sam2", model=name, image=[480, 640], points=8, encoder_s=round(encoder, 4),
+                          prompts_and_post_s=round(row["median_s"] - encoder, 4), **row))
+        elif group == "vote":
+            for size in ((448, 597), (3000, 4000)):
+                labels = np.random.default_rng(0).integers(0, 21, size=size).astype(np.uint16)
+                inst = regions_map(*size, 60)
+                row = timed(lambda: vote_regions(labels, inst), args.runs)
+                emit(dict(base, row="vote", size=list(size), regions=60, **row))
+        elif group == "refine":
+            maps = torch.randn(1, args.labels + 6, 448, 448)
+            guide = torch.randint(0, 256, (1, 3, 448, 448)).float()
+            emit(dict(base, row="refine", refine="pamr", size=448, prompts=args.labels + 6, iterations=10,
+                      dilations=[8, 16], **timed(lambda: pamr(guide, maps), args.runs)))
+        elif group == "windows":
+            from gem_backend.algorithm.segmentation import SegmentationSettings, model_input_size
+            from gem_backend.algorithm.windows import sliding_windows, window_tokens
+
+            gem = create_method("gem", clip)
+            for short in (448, 896, 1344):
+                seg = SegmentationSettings(windows_above=1, window=448, window_stride=224, window_short_side=short)
+                h, w = model_input_size(3000, 4000, seg, (16, 16))
+                big = torch.randn(3, h, w)
+                boxes = sliding_windows(h, w, 448, 224)
+                row = timed(lambda: window_tokens(gem, big, boxes, batch_size=1), max(1, args.runs - 2))
+                emit(dict(base, row="windows", method="gem", working_size=[h, w], windows=len(boxes),
+                          per_window_s=round(row["median_s"] / len(boxes), 4), **row))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--labels", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default=",".join(ROW_GROUPS), help="row groups, comma-separated")
+    ap.add_argument("--sam2", default="hiera_tiny,hiera_large", help="SAM 2.1 models of the sam2 rows")
+    ap.add_argument("--dino", default="dino_vits8,dino_vitb8", help="DINO models of the corrclip rows")
+    ap.add_argument("--group", help=argparse.SUPPRESS)  # internal: run one group in this process
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import open_clip
-
-    from gem_backend import create_method, method_names, pamr
-    from gem_backend.algorithm.segmentation import SegmentationSettings, model_input_size
-    from gem_backend.algorithm.windows import sliding_windows, window_tokens
-
     info = cpu()
     if args.precision == "bf16" and not (info["avx512_bf16"] or info["amx_bf16"]):
         print(json.dumps(dict(info, note="this CPU has no native bf16: bf16 would be emulated, not timed")))
         return
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    clip = open_clip.create_model("ViT-B-16", pretrained=None).eval().to(dtype)
-    x = torch.randn(1, 3, 448, 448)
-    with torch.inference_mode():
-        for name in method_names():
-            method = create_method(name, clip)
-            print(json.dumps(dict(info, row="method", method=name, size=448, precision=args.precision,
-                                  **timed(lambda: method.encode_image(x), args.runs))), flush=True)
-        maps = torch.randn(1, args.labels + 6, 448, 448)
-        guide = torch.randint(0, 256, (1, 3, 448, 448)).float()
-        print(json.dumps(dict(info, row="refine", refine="pamr", size=448, prompts=args.labels + 6,
-                              iterations=10, dilations=[8, 16], **timed(lambda: pamr(guide, maps), args.runs))),
-              flush=True)
-        gem = create_method("gem", clip)
-        for short in (448, 896, 1344):
-            seg = SegmentationSettings(windows_above=1, window=448, window_stride=224, window_short_side=short)
-            h, w = model_input_size(3000, 4000, seg, (16, 16))
-            big = torch.randn(3, h, w)
-            n = len(sliding_windows(h, w, 448, 224))
-            boxes = sliding_windows(h, w, 448, 224)
-            row = timed(lambda: window_tokens(gem, big, boxes, batch_size=1), max(1, args.runs - 2))
-            print(json.dumps(dict(info, row="windows", method="gem", working_size=[h, w], windows=n,
-                                  precision=args.precision, per_window_s=round(row["median_s"] / n, 4), **row)),
-                  flush=True)
+    if args.group:
+        run_group(args.group, args, info)
+        return
+    for group in args.rows.split(","):
+        if group not in ROW_GROUPS:
+            raise SystemExit(f"unknown row group {group!r}; known: {', '.join(ROW_GROUPS)}")
+        cmd = [sys.executable, __file__, "--group", group, "--precision", args.precision, "--runs", str(args.runs),
+               "--labels", str(args.labels), "--threads", str(args.threads), "--sam2", args.sam2, "--dino", args.dino]
+        done = subprocess.run(cmd, check=False)
+        if done.returncode:
+            print(json.dumps(dict(info, row=group, error=f"exit {done.returncode}")), flush=True)
 
 
 if __name__ == "__main__":

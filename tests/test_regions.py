@@ -84,3 +84,12 @@ def test_painting_larger_masks_first_would_differ():
         differ += int(not np.array_equal(wrong, want))
         np.testing.assert_array_equal(gem_backend.paint_regions(masks), want)
     assert differ >= 3
+
+
+@pytest.mark.parametrize("case", VOTE_IDS)
+def test_the_sorted_path_for_widely_spread_ids_gives_the_same_vote(case, monkeypatch):
+    from gem_backend.algorithm import regions
+
+    pred, inst, want = VOTE[f"{case}_pred"], VOTE[f"{case}_instance_map"], VOTE[f"{case}_voted"]
+    monkeypatch.setattr(regions, "DIRECT_BINS", 0)  # always through np.unique
+    np.testing.assert_array_equal(gem_backend.vote_regions(pred, inst), want)
