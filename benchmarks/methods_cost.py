@@ -1,7 +1,8 @@
 """Cost per image of each method, PAMR, windows, SAM 2 regions and the vote: JSON lines on stdout.
 
-    .venv/bin/python benchmarks/methods_cost.py [--precision fp32|bf16] [--runs 3] [--labels 20]
+    .venv/bin/python benchmarks/methods_cost.py [--precision fp32|bf16|fp16] [--runs 3] [--labels 20]
         [--rows method,protocol,corrclip,sam2,vote,refine,windows] [--sam2 hiera_tiny,hiera_large]
+        [--device cpu|cuda]
 
 Random-init ViT-B-16 (the cost does not depend on the weight values), ``--threads`` torch
 threads (2), CPU. Each row group runs in its own process, so its ``peak_rss_mb`` (the process's
@@ -23,8 +24,9 @@ maximum resident set, model included) is its own. Rows:
 - ``windows``: GEM through 448/224 windows on a 12-megapixel photo's working size at short
   sides 448, 896, 1344.
 
-Every row names the CPU, its bf16 flags, the load average at its start and the torch threads.
-bf16 is timed only where the CPU has it natively.
+Every row names the CPU, its bf16 flags, the load average at its start and the torch threads
+(and the GPU with ``--device cuda``, where the timings synchronise the device and the peak
+row is ``peak_cuda_mb``). bf16 is timed on a CPU only where it has it natively.
 """
 
 from __future__ import annotations
@@ -61,12 +63,19 @@ def cpu() -> dict:
                 load=os.getloadavg()[0], threads=torch.get_num_threads())
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, runs: int) -> dict:
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(runs):
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return dict(median_s=round(statistics.median(times), 4), min_s=round(min(times), 4))
 
@@ -76,10 +85,13 @@ def peak_rss_mb() -> float:
 
 
 def emit(row: dict) -> None:
-    print(json.dumps(dict(row, peak_rss_mb=peak_rss_mb())), flush=True)
+    extra = {}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        extra["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    print(json.dumps(dict(row, peak_rss_mb=peak_rss_mb(), **extra)), flush=True)
 
 
-def random_dino(name: str, precision: str):
+def random_dino(name: str, precision: str, device: str = "cpu"):
     """DINO ``name`` with timm's random initialisation, through ``load_dino`` (a temporary file)."""
     import timm
     from safetensors.torch import save_file
@@ -90,7 +102,7 @@ def random_dino(name: str, precision: str):
     vit = timm.create_model(arch, pretrained=False, num_classes=0)
     path = os.path.join(tempfile.mkdtemp(), f"{name}.safetensors")
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, path)
-    return load_dino(name, path, device="cpu", precision=precision)
+    return load_dino(name, path, device=device, precision=precision)
 
 
 def photo(height: int, width: int) -> np.ndarray:
@@ -116,13 +128,16 @@ def run_group(group: str, args, info: dict) -> None:
 
     from gem_backend import create_method, pamr, vote_regions
 
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    base = dict(info, precision=args.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    dev = torch.device(args.device)
+    base = dict(info, precision=args.precision, device=args.device)
+    if dev.type == "cuda":
+        base["gpu"] = torch.cuda.get_device_name(dev)
     if group in ("method", "protocol", "corrclip", "windows"):
-        clip = open_clip.create_model("ViT-B-16", pretrained=None).eval().to(dtype)
+        clip = open_clip.create_model("ViT-B-16", pretrained=None).eval().to(device=dev, dtype=dtype)
     with torch.inference_mode():
         if group == "method":
-            x = torch.randn(1, 3, 448, 448)
+            x = torch.randn(1, 3, 448, 448, device=dev)
             gem_median = None
             for name in CLIP_METHODS:
                 method = create_method(name, clip)
@@ -134,7 +149,7 @@ def run_group(group: str, args, info: dict) -> None:
             from gem_backend.algorithm.models import load_gem_model
             from gem_backend.evaluation.harness import Protocol, Segmenter
 
-            loaded = load_gem_model("ViT-B-16", "none", device="cpu", precision=args.precision)
+            loaded = load_gem_model("ViT-B-16", "none", device=args.device, precision=args.precision)
             image = photo(336, 448)
             names = [f"thing {i}" for i in range(args.labels)]
             gem_median = None
@@ -145,7 +160,7 @@ def run_group(group: str, args, info: dict) -> None:
             for name, extra, protocol in variants:
                 options = {}
                 if name == "corrclip":
-                    d = random_dino(extra["dino"], args.precision)
+                    d = random_dino(extra["dino"], args.precision, args.device)
                     loaded.methods.clear()
                     loaded.methods[("corrclip", ())] = create_method("corrclip", loaded.gem.model, dino=d)
                 seg = Segmenter(loaded, protocol, method=name, method_options=options)
@@ -158,12 +173,12 @@ def run_group(group: str, args, info: dict) -> None:
                           **row))
         elif group == "corrclip":
             gem = create_method("gem", clip)
-            x = torch.randn(1, 3, 336, 336)
+            x = torch.randn(1, 3, 336, 336, device=dev)
             gem_row = timed(lambda: gem.encode_image(x), args.runs)
             emit(dict(base, row="corrclip", method="gem", size=[336, 336], **gem_row))
-            regions = torch.from_numpy(regions_map(336, 336, 12))[None]
+            regions = torch.from_numpy(regions_map(336, 336, 12))[None].to(dev)
             for dino in args.dino.split(","):
-                method = create_method("corrclip", clip, dino=random_dino(dino, args.precision))
+                method = create_method("corrclip", clip, dino=random_dino(dino, args.precision, args.device))
                 for with_regions in (False, True):
                     r = regions if with_regions else None
                     row = timed(lambda: method.encode_image(x, regions=r), args.runs)
@@ -174,7 +189,7 @@ def run_group(group: str, args, info: dict) -> None:
 
             image = photo(480, 640)
             for name in args.sam2.split(","):
-                gen = RegionGenerator(load_sam2(name, "none", device="cpu"))
+                gen = RegionGenerator(load_sam2(name, "none", device=args.device))
                 predictor = gen.generator.predictor
                 spent = []
                 original = predictor.set_image
@@ -182,6 +197,7 @@ def run_group(group: str, args, info: dict) -> None:
                 def set_image(*a, **kw):
                     t = time.perf_counter()
                     out = original(*a, **kw)
+                    sync()
                     spent.append(time.perf_counter() - t)
                     return out
 
@@ -197,8 +213,8 @@ def run_group(group: str, args, info: dict) -> None:
                 row = timed(lambda: vote_regions(labels, inst), args.runs)
                 emit(dict(base, row="vote", size=list(size), regions=60, **row))
         elif group == "refine":
-            maps = torch.randn(1, args.labels + 6, 448, 448)
-            guide = torch.randint(0, 256, (1, 3, 448, 448)).float()
+            maps = torch.randn(1, args.labels + 6, 448, 448, device=dev)
+            guide = torch.randint(0, 256, (1, 3, 448, 448), device=dev).float()
             emit(dict(base, row="refine", refine="pamr", size=448, prompts=args.labels + 6, iterations=10,
                       dilations=[8, 16], **timed(lambda: pamr(guide, maps), args.runs)))
         elif group == "windows":
@@ -209,7 +225,7 @@ def run_group(group: str, args, info: dict) -> None:
             for short in (448, 896, 1344):
                 seg = SegmentationSettings(windows_above=1, window=448, window_stride=224, window_short_side=short)
                 h, w = model_input_size(3000, 4000, seg, (16, 16))
-                big = torch.randn(3, h, w)
+                big = torch.randn(3, h, w, device=dev, dtype=dtype)
                 boxes = sliding_windows(h, w, 448, 224)
                 row = timed(lambda: window_tokens(gem, big, boxes, batch_size=1), max(1, args.runs - 2))
                 emit(dict(base, row="windows", method="gem", working_size=[h, w], windows=len(boxes),
@@ -218,7 +234,8 @@ def run_group(group: str, args, info: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--precision", default="fp32", choices=("bf16", "fp32"))
+    ap.add_argument("--precision", default="fp32", choices=("bf16", "fp32", "fp16"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--labels", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
@@ -229,7 +246,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     info = cpu()
-    if args.precision == "bf16" and not (info["avx512_bf16"] or info["amx_bf16"]):
+    if args.device == "cpu" and args.precision != "fp32" and not (info["avx512_bf16"] or info["amx_bf16"]):
         print(json.dumps(dict(info, note="this CPU has no native bf16: bf16 would be emulated, not timed")))
         return
     if args.group:
@@ -239,7 +256,8 @@ def main() -> None:
         if group not in ROW_GROUPS:
             raise SystemExit(f"unknown row group {group!r}; known: {', '.join(ROW_GROUPS)}")
         cmd = [sys.executable, __file__, "--group", group, "--precision", args.precision, "--runs", str(args.runs),
-               "--labels", str(args.labels), "--threads", str(args.threads), "--sam2", args.sam2, "--dino", args.dino]
+               "--labels", str(args.labels), "--threads", str(args.threads), "--sam2", args.sam2, "--dino", args.dino,
+               "--device", args.device]
         done = subprocess.run(cmd, check=False)
         if done.returncode:
             print(json.dumps(dict(info, row=group, error=f"exit {done.returncode}")), flush=True)
