@@ -308,12 +308,12 @@ class GEMService:
         """One image (``[H, W, 3]`` uint8 RGB) -> :class:`Segmentation` of ``prompts`` at
         ``original_size`` (``(H0, W0)``, default the image's)."""
         predictor = self.predictor(segmentation)
-        embedding = self.embed(predictor, image, original_size)
         regions = None
-        if segmentation.regions != "none":
+        if segmentation.regions != "none":  # first: CorrCLIP's tower takes them
             generator = self.region_generator(segmentation)
             with self._infer_lock:
                 regions = generator.instance_map(image)
+        embedding = self.embed(predictor, image, original_size, regions)
         return predictor.predict(list(prompts), embedding, regions=regions)
 
     # ------------------------------------------------------------------ image features
