@@ -52,7 +52,7 @@ import numpy as np
 from ..labelstudio.annotations import MASK_KINDS, label_map
 from ..labelstudio.spec import ChoicesTarget, LabelTarget
 from .prototypes import annotation_key, project_key
-from .webhook_queue import WebhookQueue
+from .webhook_queue import WebhookQueue, deleted_annotation_ids, project_id
 
 log = logging.getLogger(__name__)
 
@@ -446,19 +446,12 @@ class Agreement(WebhookQueue):
         action = body.get("action")
         project = body.get("project")
         try:
-            pid = project_key(project.get("id") if isinstance(project, Mapping) else project)
+            pid = project_id(project)
         except ValueError:
             log.warning("agreement: webhook %s without a usable project id: skipped", action)
             return "skipped"
         if action in DELETE_ACTIONS:
-            items = body.get("annotations")
-            ids = []
-            for item in items if isinstance(items, list) else []:
-                try:
-                    ids.append(annotation_key(item.get("id") if isinstance(item, Mapping) else item))
-                except ValueError:
-                    pass
-            return self._write_or_keep(("remove", pid, ids, None))
+            return self._write_or_keep(("remove", pid, deleted_annotation_ids(body), None))
         annotation, task = body.get("annotation"), body.get("task")
         if not isinstance(annotation, Mapping) or not isinstance(task, Mapping):
             log.warning("agreement: project %s: %s without annotation and task objects: skipped", pid, action)

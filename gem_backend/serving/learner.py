@@ -18,9 +18,9 @@ import logging
 from typing import Any, Callable, Mapping
 
 from ..labelstudio.images import ImageError
-from .prototypes import AnnotationError, annotation_key, project_key, contribution_for_annotation
+from .prototypes import AnnotationError, annotation_key, contribution_for_annotation
 from .service import GEMService, RequestError
-from .webhook_queue import WebhookQueue
+from .webhook_queue import WebhookQueue, deleted_annotation_ids, project_id
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,6 @@ __all__ = ["Learner", "LEARN_ACTIONS", "DELETE_ACTIONS", "learn_one", "project_i
 
 LEARN_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_ACTIONS = ("ANNOTATIONS_DELETED",)
-
-
-def project_id(project: Any) -> str:
-    """The store key of a webhook's project (an object with an ``id``, or the id itself)."""
-    value = project.get("id") if isinstance(project, Mapping) else project
-    return project_key(value)
 
 
 class Learner(WebhookQueue):
@@ -73,13 +67,8 @@ class Learner(WebhookQueue):
             return "skipped"
         store = self.service.prototype_store
         if action in DELETE_ACTIONS:
-            items = body.get("annotations")
-            ids = []
-            for item in items if isinstance(items, list) else []:
-                try:
-                    ids.append(annotation_key(item.get("id") if isinstance(item, Mapping) else item))
-                except ValueError:
-                    log.warning("project %s: %s: bad annotation id %r skipped", pid, action, item)
+            ids = deleted_annotation_ids(
+                body, lambda item: log.warning("project %s: %s: bad annotation id %r skipped", pid, action, item))
             removed = store.remove(pid, ids)
             log.info("project %s: %d of %d deleted annotations removed from the prototypes", pid, removed, len(ids))
             return "removed"

@@ -4,6 +4,7 @@ Label Studio gives a webhook a short timeout, so the consumers (:class:`~.learne
 :class:`~.agreement.Agreement`) only queue the body in the request; :class:`WebhookQueue` owns
 that bounded queue, the daemon thread started on the first body (and again after it ended),
 :meth:`~WebhookQueue.drain`, and the loop that handles each body and counts its result.
+:func:`project_id` and :func:`deleted_annotation_ids` read the parts of a body both handle alike.
 """
 
 from __future__ import annotations
@@ -12,9 +13,31 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-__all__ = ["WebhookQueue"]
+from .prototypes import annotation_key, project_key
+
+__all__ = ["WebhookQueue", "deleted_annotation_ids", "project_id"]
+
+
+def project_id(project: Any) -> str:
+    """The store key of a webhook's project (an object with an ``id``, or the id itself)."""
+    value = project.get("id") if isinstance(project, Mapping) else project
+    return project_key(value)
+
+
+def deleted_annotation_ids(body: Mapping, bad: Callable[[Any], None] | None = None) -> list[str]:
+    """The annotation keys of an ``ANNOTATIONS_DELETED`` body (its ``annotations``: objects with
+    an ``id``, or the ids); an item without a usable id is left out and given to ``bad``."""
+    items = body.get("annotations")
+    ids = []
+    for item in items if isinstance(items, list) else []:
+        try:
+            ids.append(annotation_key(item.get("id") if isinstance(item, Mapping) else item))
+        except ValueError:
+            if bad is not None:
+                bad(item)
+    return ids
 
 
 class WebhookQueue:
