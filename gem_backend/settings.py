@@ -102,7 +102,9 @@ def _parse_method(value: str) -> str:
     return name
 
 
-def _parse_options(value: str | Mapping) -> tuple[tuple[str, Any], ...]:
+def _json_object(value: str | Mapping, what: str) -> Mapping:
+    """A setting given as a JSON object (text, empty = ``{}``) or as a mapping already; ``what``
+    completes the error "must be a JSON object of ..."."""
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -110,7 +112,12 @@ def _parse_options(value: str | Mapping) -> tuple[tuple[str, Any], ...]:
         except json.JSONDecodeError as err:
             raise ValueError(f"not a JSON object: {err.msg}") from None
     if not isinstance(value, Mapping):
-        raise ValueError("must be a JSON object of the method's options, e.g. {\"gaussian_std\": 3}")
+        raise ValueError(f"must be a JSON object of {what}")
+    return value
+
+
+def _parse_options(value: str | Mapping) -> tuple[tuple[str, Any], ...]:
+    value = _json_object(value, "the method's options, e.g. {\"gaussian_std\": 3}")
     return tuple(sorted((str(k), v) for k, v in value.items()))
 
 
@@ -154,14 +161,7 @@ def _parse_ints(value: str | list | tuple) -> tuple[int, ...]:
 
 
 def _parse_label_thresholds(value: str | Mapping) -> tuple[tuple[str, float], ...]:
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = json.loads(text) if text else {}
-        except json.JSONDecodeError as err:
-            raise ValueError(f"not a JSON object: {err.msg}") from None
-    if not isinstance(value, Mapping):
-        raise ValueError("must be a JSON object of label -> threshold, e.g. {\"cat\": 0.4}")
+    value = _json_object(value, "label -> threshold, e.g. {\"cat\": 0.4}")
     out = {}
     for label, raw in value.items():
         if isinstance(raw, bool):

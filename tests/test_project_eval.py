@@ -316,7 +316,9 @@ def test_sweep_finds_the_planted_threshold_on_cached_features_and_apply(label_st
     ml = _backend_with(label_studio, pid, connected_backend, {"threshold": 0})
     calls = []
     real = GEMPredictor.embed_batch
-    monkeypatch.setattr(GEMPredictor, "embed_batch", lambda self, x, sizes: calls.append(len(sizes)) or real(self, x, sizes))
+    # regions too: embed_batch takes SAM 2's regions since CorrCLIP does (None here)
+    monkeypatch.setattr(GEMPredictor, "embed_batch",
+                        lambda self, x, sizes, regions=None: calls.append(len(sizes)) or real(self, x, sizes, regions))
     service = _service(label_studio.url, loaded, REDIS_URL=redis_url)  # a cold feature cache
     cfg = ProjectEvalConfig(pid, str(tmp_path / "sweep"), sweeps=["threshold=0.2,0.6,0.95"], progress=False,
                             overlays=0, apply=True)

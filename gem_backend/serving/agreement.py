@@ -52,6 +52,7 @@ import numpy as np
 from ..labelstudio.annotations import MASK_KINDS, label_map
 from ..labelstudio.spec import ChoicesTarget, LabelTarget
 from .prototypes import annotation_key, project_key
+from .webhook_queue import WebhookQueue, deleted_annotation_ids, project_id
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +304,10 @@ def open_agreement_store(settings) -> AgreementStore:
 
 
 # ----------------------------------------------------------------------------------- webhook
-class Agreement:
-    """Annotation webhooks -> agreement records, after the HTTP answer (one thread).
+class Agreement(WebhookQueue):
+    """Annotation webhooks -> agreement records, after the HTTP answer (one thread, which also
+    writes the records waiting for the store and ends when idle with none waiting; ``drain``
+    waits for the queued events, not for those writes).
 
     Args:
         service: the process's :class:`~gem_backend.serving.service.GEMService` (settings,
@@ -315,17 +318,21 @@ class Agreement:
             (none without ``LABEL_STUDIO_URL``).
     """
 
+    ACTIONS = EVENT_ACTIONS + DELETE_ACTIONS
+    THREAD_NAME = "gem-agreement"
+    DROPPED_MESSAGE = "agreement: webhook %s dropped, %d events waiting"
+    FAILED_MESSAGE = "agreement: webhook %s failed"
+    logger = log
+
     def __init__(self, service, params: Callable[[str], Any] | None = None, store: AgreementStore | None = None,
                  predictions: Callable[[Any], list] | None = None, maxsize: int = 1000):
+        super().__init__(maxsize)
         self.service = service
         self.params = params or (lambda pid: {})
         self._store = store
         self.predictions = predictions
         self._api = None
-        self._queue: queue.Queue = queue.Queue(maxsize)
         self.pending: collections.deque = collections.deque()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._warned = 0.0
 
     @property
@@ -349,57 +356,28 @@ class Agreement:
         return self._api.task_predictions(int(task_id))
 
     # -- queue --------------------------------------------------------------------------
-    def submit(self, body: Any) -> str:
-        """Queue a webhook body: ``queued``, ``ignored`` (not an annotation event) or
-        ``dropped`` (queue full). Never blocks, never raises."""
-        action = body.get("action") if isinstance(body, Mapping) else None
-        if action not in EVENT_ACTIONS + DELETE_ACTIONS:
-            return "ignored"
-        try:
-            self._queue.put_nowait(body)
-        except queue.Full:
-            log.warning("agreement: webhook %s dropped, %d events waiting", action, self._queue.qsize())
-            self._count("dropped")
-            return "dropped"
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="gem-agreement", daemon=True)
-                self._thread.start()
-        return "queued"
-
-    def _count(self, result: str, n: int = 1) -> None:
+    def count(self, result: str, n: int = 1) -> None:
+        """``n`` events into ``gem_agreement_events_total{result}``."""
         self.service.metrics.agreement_events.labels(result=result).inc(n)
 
-    def _run(self) -> None:
+    def next_body(self) -> Mapping | None:
+        """The next body; while none comes, the waiting records are written every
+        :data:`RETRY_SECONDS`, and the thread ends (None) once none waits either."""
         while True:
             try:
-                body = self._queue.get(timeout=RETRY_SECONDS)
+                return self._queue.get(timeout=RETRY_SECONDS)
             except queue.Empty:
                 self.flush()
                 if not self.pending:
                     with self._lock:
                         if self._queue.empty():  # idle and nothing waits: the thread ends
                             self._thread = None
-                            return
-                continue
-            try:
-                self.flush()
-                result = self.handle(body)
-            except Exception:  # noqa: BLE001 - the thread must survive anything one event does
-                log.exception("agreement: webhook %s failed", body.get("action"))
-                result = "failed"
-            finally:
-                self._queue.task_done()
-            self._count(result)
+                            return None
 
-    def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued event is handled (waiting writes aside); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
+    def process(self, body: Mapping) -> str:
+        """Write the waiting records first (they are older), then handle the body."""
+        self.flush()
+        return self.handle(body)
 
     # -- store writes, with the retry queue ---------------------------------------------
     def _write(self, op: tuple) -> bool:
@@ -421,7 +399,7 @@ class Agreement:
         if len(self.pending) >= PENDING_MAX:
             self.pending.popleft()
             log.warning("agreement: %d records wait for the store; the oldest is dropped", PENDING_MAX)
-            self._count("dropped")
+            self.count("dropped")
         self.pending.append(op)
         self.service.metrics.agreement_pending.set(len(self.pending))
         return "pending"
@@ -447,7 +425,7 @@ class Agreement:
             done += 1
         if done:
             log.info("agreement: %d waiting records written", done)
-            self._count("written_late", done)
+            self.count("written_late", done)
         self.service.metrics.agreement_pending.set(len(self.pending))
         return done
 
@@ -468,19 +446,12 @@ class Agreement:
         action = body.get("action")
         project = body.get("project")
         try:
-            pid = project_key(project.get("id") if isinstance(project, Mapping) else project)
+            pid = project_id(project)
         except ValueError:
             log.warning("agreement: webhook %s without a usable project id: skipped", action)
             return "skipped"
         if action in DELETE_ACTIONS:
-            items = body.get("annotations")
-            ids = []
-            for item in items if isinstance(items, list) else []:
-                try:
-                    ids.append(annotation_key(item.get("id") if isinstance(item, Mapping) else item))
-                except ValueError:
-                    pass
-            return self._write_or_keep(("remove", pid, ids, None))
+            return self._write_or_keep(("remove", pid, deleted_annotation_ids(body), None))
         annotation, task = body.get("annotation"), body.get("task")
         if not isinstance(annotation, Mapping) or not isinstance(task, Mapping):
             log.warning("agreement: project %s: %s without annotation and task objects: skipped", pid, action)

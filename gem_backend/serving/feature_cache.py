@@ -131,190 +131,89 @@ def decode_embedding(raw: object) -> ImageEmbedding | None:
         return None
 
 
-class EmbeddingCache:
-    """Image features by key: an LRU bounded in bytes, and Redis when a URL is given.
+class TwoLevelCache:
+    """Values by key in two tiers: an in-process LRU bounded in bytes (thread-safe) and Redis
+    (``key_prefix`` + key, with a TTL) when a URL is given. Redis failures never fail a request:
+    one warning, then the LRU only, with a new try every ``retry_after`` seconds.
+
+    A subclass says how a value becomes Redis bytes and back (:meth:`encode`, :meth:`decode`;
+    None: malformed) and what the LRU keeps: the value itself, sized by :meth:`nbytes`, or,
+    with ``keep_encoded``, its encoding (smaller, decoded again on each hit).
 
     Args:
         redis_url: ``redis://...``; None = in-process only. A malformed URL raises here.
-        max_bytes: LRU budget (patch tokens as stored); 0 disables the LRU.
+        max_bytes: LRU budget; 0 disables the LRU.
         ttl: seconds an entry lives in Redis (0: no expiry).
         key_prefix: prefix of every Redis key.
         retry_after: seconds between Redis retries after a failure.
         redis_timeout: socket timeouts, i.e. the most a dead Redis costs one request.
+        what: the cache's name in the Redis warnings.
     """
 
-    def __init__(self, redis_url: str | None = None, max_bytes: int = 512 << 20, ttl: int = 86400,
-                 key_prefix: str = "gem:image:", retry_after: float = 30.0, redis_timeout: float = 0.5):
+    keep_encoded = False
+
+    def __init__(self, redis_url: str | None, max_bytes: int, ttl: int, key_prefix: str, retry_after: float,
+                 redis_timeout: float, what: str):
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = int(max_bytes)
         self.ttl = int(ttl)
         self.retry_after = float(retry_after)
         self._prefix = key_prefix
-        self._lru: OrderedDict[str, tuple[ImageEmbedding, int]] = OrderedDict()
+        self._lru: OrderedDict[str, tuple[object, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._counts = dict(local_hits=0, redis_hits=0, misses=0, redis_invalid=0)
-        self._redis = None
-        self._redis_errors: tuple = (OSError,)
-        self._gate: RedisGate | None = None
-        if redis_url:
-            # no ping at construction (startup stays fast): the first use tells
-            self._gate = RedisGate(redis_url, "image feature cache", logger, self.retry_after, redis_timeout)
-            self._redis = self._gate.client_
-            self._redis_errors = self._gate.errors_types
+        # no ping at construction (startup stays fast): the first use tells
+        self._gate = RedisGate(redis_url, what, logger, self.retry_after, redis_timeout) if redis_url else None
+
+    # ------------------------------------------------------------------ hooks
+    def encode(self, value) -> bytes:
+        """A value -> its Redis bytes."""
+        raise NotImplementedError
+
+    def decode(self, raw: bytes):
+        """Redis bytes -> the value; None when malformed."""
+        raise NotImplementedError
+
+    def nbytes(self, value) -> int:
+        """What a value kept decoded costs the LRU."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ API
-    def get(self, key: str) -> tuple[ImageEmbedding | None, str]:
-        """``(features, where)``: where is ``"local"``, ``"redis"`` or ``"miss"``."""
+    def get(self, key: str) -> tuple[object | None, str]:
+        """``(value, where)``: where is ``"local"``, ``"redis"`` or ``"miss"``."""
         with self._lock:
             hit = self._lru.get(key)
             if hit is not None:
                 self._lru.move_to_end(key)
                 self._counts["local_hits"] += 1
-                return hit[0], "local"
-        emb = self._redis_get(key)
-        if emb is not None:
-            self._lru_put(key, emb)
+        if hit is not None:
+            return (self.decode(hit[0]) if self.keep_encoded else hit[0]), "local"
+        raw = self._redis_get(key)
+        value = self.decode(raw) if raw is not None else None
+        if raw is not None and value is None:
+            with self._lock:
+                self._counts["redis_invalid"] += 1
+        if value is not None:
+            self._lru_put(key, bytes(raw) if self.keep_encoded else value)
             with self._lock:
                 self._counts["redis_hits"] += 1
-            return emb, "redis"
+            return value, "redis"
         with self._lock:
             self._counts["misses"] += 1
         return None, "miss"
 
-    def put(self, key: str, emb: ImageEmbedding) -> None:
-        self._lru_put(key, emb)
-        self._redis_put(key, emb)
-
-    @property
-    def stats(self) -> dict:
-        with self._lock:
-            out: dict = dict(self._counts)
-            out.update(entries=len(self._lru), bytes=self._bytes)
-        out.update(redis_errors=self._gate.errors if self._gate else 0, redis_ok=bool(self._gate and self._gate.ok))
-        return out
-
-    def clear_local(self) -> None:
-        with self._lock:
-            self._lru.clear()
-            self._bytes = 0
-
-    # ------------------------------------------------------------------ LRU
-    def _lru_put(self, key: str, emb: ImageEmbedding) -> None:
-        size = embedding_nbytes(emb)
-        if self.max_bytes == 0 or size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._lru.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
-            self._lru[key] = (emb, size)
-            self._bytes += size
-            while self._bytes > self.max_bytes and self._lru:
-                _, (_, freed) = self._lru.popitem(last=False)
-                self._bytes -= freed
-
-    # ------------------------------------------------------------------ Redis
-    def _client(self):
-        return self._gate.client() if self._gate else None
-
-    def _down(self, exc: BaseException) -> None:
-        self._gate.down(exc)
-
-    def _up(self) -> None:
-        self._gate.up()
-
-    def _redis_get(self, key: str) -> ImageEmbedding | None:
-        client = self._client()
-        if client is None:
-            return None
-        try:
-            raw = client.get(self._prefix + key)
-        except self._redis_errors as exc:
-            self._down(exc)
-            return None
-        self._up()
-        if raw is None:
-            return None
-        emb = decode_embedding(raw)
-        if emb is None:
-            with self._lock:
-                self._counts["redis_invalid"] += 1
-        return emb
-
-    def _redis_put(self, key: str, emb: ImageEmbedding) -> None:
-        client = self._client()
-        if client is None:
-            return
-        try:
-            client.set(self._prefix + key, encode_embedding(emb), ex=self.ttl if self.ttl > 0 else None)
-        except self._redis_errors as exc:
-            self._down(exc)
-            return
-        self._up()
-
-
-# ---------------------------------------------------------------------- regions
-def regions_namespace(settings, segmentation: SegmentationSettings) -> str:
-    """Everything besides the image bytes that changes an image's SAM 2 regions: the SAM 2
-    model, its weights and the mask generator's options (not the GEM model or sizing)."""
-    s = segmentation
-    return json.dumps(["regions", s.regions, s.regions_model, settings.regions_weights_id(s), s.regions_points,
-                       s.regions_iou, s.regions_stability])
-
-
-class RegionCache:
-    """Instance maps (SAM 2 regions) by key, beside the image features: an LRU of their
-    compact encodings (:func:`~gem_backend.algorithm.sam.encode_regions`, a few KB each)
-    bounded in bytes, and Redis (``key_prefix`` + key, with a TTL) when a URL is given.
-    Redis failures never fail a request (the LRU only, retried every ``retry_after`` s).
-    """
-
-    def __init__(self, redis_url: str | None = None, max_bytes: int = 64 << 20, ttl: int = 86400,
-                 key_prefix: str = "gem:regions:", retry_after: float = 30.0, redis_timeout: float = 0.5):
-        if max_bytes < 0:
-            raise ValueError("max_bytes must be >= 0")
-        self.max_bytes = int(max_bytes)
-        self.ttl = int(ttl)
-        self._prefix = key_prefix
-        self._lru: OrderedDict[str, bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self._counts = dict(local_hits=0, redis_hits=0, misses=0, redis_invalid=0)
-        self._gate = RedisGate(redis_url, "regions cache", logger, retry_after, redis_timeout) if redis_url else None
-
-    def get(self, key: str) -> tuple[np.ndarray | None, str]:
-        """``(instance map [h, w] int64, where)``: where is ``"local"``, ``"redis"`` or ``"miss"``."""
-        from ..algorithm.sam import decode_regions
-
-        with self._lock:
-            raw = self._lru.get(key)
-            if raw is not None:
-                self._lru.move_to_end(key)
-                self._counts["local_hits"] += 1
-                return decode_regions(raw), "local"
-        raw = self._redis_get(key)
-        regions = decode_regions(raw) if raw is not None else None
-        with self._lock:
-            if raw is not None and regions is None:
-                self._counts["redis_invalid"] += 1
-            self._counts["redis_hits" if regions is not None else "misses"] += 1
-        if regions is not None:
-            self._lru_put(key, bytes(raw))
-            return regions, "redis"
-        return None, "miss"
-
-    def put(self, key: str, regions: np.ndarray) -> None:
-        from ..algorithm.sam import encode_regions
-
-        raw = encode_regions(regions)
-        self._lru_put(key, raw)
+    def put(self, key: str, value) -> None:
+        raw = self.encode(value) if self.keep_encoded else None
+        self._lru_put(key, raw if self.keep_encoded else value)
         client = self._gate.client() if self._gate else None
         if client is None:
             return
         try:
-            client.set(self._prefix + key, raw, ex=self.ttl if self.ttl > 0 else None)
+            # a decoded value is encoded only when Redis is there to take it
+            client.set(self._prefix + key, raw if raw is not None else self.encode(value),
+                       ex=self.ttl if self.ttl > 0 else None)
         except self._gate.errors_types as exc:
             self._gate.down(exc)
             return
@@ -333,18 +232,20 @@ class RegionCache:
             self._lru.clear()
             self._bytes = 0
 
-    def _lru_put(self, key: str, raw: bytes) -> None:
-        if self.max_bytes == 0 or len(raw) > self.max_bytes:
+    # ------------------------------------------------------------------ tiers
+    def _lru_put(self, key: str, entry) -> None:
+        size = len(entry) if self.keep_encoded else self.nbytes(entry)
+        if self.max_bytes == 0 or size > self.max_bytes:
             return
         with self._lock:
             old = self._lru.pop(key, None)
             if old is not None:
-                self._bytes -= len(old)
-            self._lru[key] = raw
-            self._bytes += len(raw)
+                self._bytes -= old[1]
+            self._lru[key] = (entry, size)
+            self._bytes += size
             while self._bytes > self.max_bytes and self._lru:
-                _, freed = self._lru.popitem(last=False)
-                self._bytes -= len(freed)
+                _, (_, freed) = self._lru.popitem(last=False)
+                self._bytes -= freed
 
     def _redis_get(self, key: str) -> bytes | None:
         client = self._gate.client() if self._gate else None
@@ -357,3 +258,55 @@ class RegionCache:
             return None
         self._gate.up()
         return raw
+
+
+class EmbeddingCache(TwoLevelCache):
+    """Image features (:class:`ImageEmbedding`) by key: the LRU keeps them decoded (patch
+    tokens as stored), Redis their :func:`encode_embedding` bytes. Arguments as
+    :class:`TwoLevelCache`."""
+
+    def __init__(self, redis_url: str | None = None, max_bytes: int = 512 << 20, ttl: int = 86400,
+                 key_prefix: str = "gem:image:", retry_after: float = 30.0, redis_timeout: float = 0.5):
+        super().__init__(redis_url, max_bytes, ttl, key_prefix, retry_after, redis_timeout, "image feature cache")
+
+    def encode(self, value: ImageEmbedding) -> bytes:
+        return encode_embedding(value)
+
+    def decode(self, raw: bytes) -> ImageEmbedding | None:
+        return decode_embedding(raw)
+
+    def nbytes(self, value: ImageEmbedding) -> int:
+        return embedding_nbytes(value)
+
+
+# ---------------------------------------------------------------------- regions
+def regions_namespace(settings, segmentation: SegmentationSettings) -> str:
+    """Everything besides the image bytes that changes an image's SAM 2 regions: the SAM 2
+    model, its weights and the mask generator's options (not the GEM model or sizing)."""
+    s = segmentation
+    return json.dumps(["regions", s.regions, s.regions_model, settings.regions_weights_id(s), s.regions_points,
+                       s.regions_iou, s.regions_stability])
+
+
+class RegionCache(TwoLevelCache):
+    """Instance maps (SAM 2 regions, ``[h, w]`` int64) by key, beside the image features: the
+    LRU keeps their compact encodings (:func:`~gem_backend.algorithm.sam.encode_regions`, a few
+    KB each, against megabytes decoded) and decodes on a hit; Redis the same bytes. Arguments
+    as :class:`TwoLevelCache`.
+    """
+
+    keep_encoded = True
+
+    def __init__(self, redis_url: str | None = None, max_bytes: int = 64 << 20, ttl: int = 86400,
+                 key_prefix: str = "gem:regions:", retry_after: float = 30.0, redis_timeout: float = 0.5):
+        super().__init__(redis_url, max_bytes, ttl, key_prefix, retry_after, redis_timeout, "regions cache")
+
+    def encode(self, value: np.ndarray) -> bytes:
+        from ..algorithm.sam import encode_regions
+
+        return encode_regions(value)
+
+    def decode(self, raw: bytes) -> np.ndarray | None:
+        from ..algorithm.sam import decode_regions
+
+        return decode_regions(raw)

@@ -15,14 +15,12 @@ annotation a project already has.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-import time
 from typing import Any, Callable, Mapping
 
 from ..labelstudio.images import ImageError
-from .prototypes import AnnotationError, annotation_key, project_key, contribution_for_annotation
+from .prototypes import AnnotationError, annotation_key, contribution_for_annotation
 from .service import GEMService, RequestError
+from .webhook_queue import WebhookQueue, deleted_annotation_ids, project_id
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +30,7 @@ LEARN_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_ACTIONS = ("ANNOTATIONS_DELETED",)
 
 
-def project_id(project: Any) -> str:
-    """The store key of a webhook's project (an object with an ``id``, or the id itself)."""
-    value = project.get("id") if isinstance(project, Mapping) else project
-    return project_key(value)
-
-
-class Learner:
+class Learner(WebhookQueue):
     """Turns annotation webhooks into prototype updates, after the HTTP answer.
 
     Args:
@@ -49,55 +41,20 @@ class Learner:
             (``gem-backend learn`` catches up).
     """
 
+    ACTIONS = LEARN_ACTIONS + DELETE_ACTIONS
+    THREAD_NAME = "gem-prototype-learner"
+    DROPPED_MESSAGE = "webhook %s dropped: %d events waiting (run `gem-backend learn --project ID` to catch up)"
+    FAILED_MESSAGE = "webhook %s: prototype update failed"
+    logger = log
+
     def __init__(self, service: GEMService, params: Callable[[str], Any] | None = None, maxsize: int = 1000):
+        super().__init__(maxsize)
         self.service = service
         self.params = params or (lambda pid: {})
-        self._queue: queue.Queue = queue.Queue(maxsize)
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
 
-    def submit(self, body: Any) -> str:
-        """Queue a webhook body; returns ``queued``, ``ignored`` (not an annotation event) or
-        ``dropped`` (queue full). Never blocks, never raises."""
-        action = body.get("action") if isinstance(body, Mapping) else None
-        if action not in LEARN_ACTIONS + DELETE_ACTIONS:
-            return "ignored"
-        try:
-            self._queue.put_nowait(body)
-        except queue.Full:
-            log.warning("webhook %s dropped: %d events waiting (run `gem-backend learn --project ID` to catch up)",
-                        action, self._queue.qsize())
-            self.service.metrics.prototype_events.labels(result="dropped").inc()
-            return "dropped"
-        self._start()
-        return "queued"
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="gem-prototype-learner", daemon=True)
-                self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            body = self._queue.get()
-            try:
-                result = self.handle(body)
-            except Exception:  # noqa: BLE001 - the thread must survive anything one event does
-                log.exception("webhook %s: prototype update failed", body.get("action"))
-                result = "failed"
-            finally:
-                self._queue.task_done()
-            self.service.metrics.prototype_events.labels(result=result).inc()
-
-    def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued event is handled; False on timeout."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
+    def count(self, result: str) -> None:
+        """One event into ``gem_prototype_events_total{result}``."""
+        self.service.metrics.prototype_events.labels(result=result).inc()
 
     def handle(self, body: Mapping) -> str:
         """Apply one webhook body to the store; returns ``learnt``, ``removed``, ``skipped``
@@ -110,13 +67,8 @@ class Learner:
             return "skipped"
         store = self.service.prototype_store
         if action in DELETE_ACTIONS:
-            items = body.get("annotations")
-            ids = []
-            for item in items if isinstance(items, list) else []:
-                try:
-                    ids.append(annotation_key(item.get("id") if isinstance(item, Mapping) else item))
-                except ValueError:
-                    log.warning("project %s: %s: bad annotation id %r skipped", pid, action, item)
+            ids = deleted_annotation_ids(
+                body, lambda item: log.warning("project %s: %s: bad annotation id %r skipped", pid, action, item))
             removed = store.remove(pid, ids)
             log.info("project %s: %d of %d deleted annotations removed from the prototypes", pid, removed, len(ids))
             return "removed"

@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -765,28 +765,30 @@ class GEMService:
         if isinstance(target, ChoicesTarget):
             return self._choices(result, target, present)
         if isinstance(target, BrushTarget):
-            kept = [(label, prompt) for label, prompt in present
-                    if target.score_threshold is None or result.scores[prompt] >= target.score_threshold]
-            # every label's RLE from the map at the model input size, in one pass over it: the
-            # same bytes as each full-size mask's (stretched_label_rles); no full-size array
-            rles = stretched_label_rles(result.input_map, [result.labels.index(p) + 1 for _, p in kept],
-                                        result.rows, result.cols)
-            return [(brush_region_from_rle(rle, result.original_size, label, target, result.scores[prompt]),
-                     result.areas[prompt], result.margins.get(prompt, result.scores[prompt]))
-                    for (label, prompt), rle in zip(kept, rles)]
+            # every label's RLE in one pass over the map at the model input size: the same bytes
+            # as each full-size mask's (stretched_label_rles); no full-size array
+            return self._painted_regions(result, target, present, stretched_label_rles, brush_region_from_rle)
         if isinstance(target, BitmaskTarget):
-            kept = [(label, prompt) for label, prompt in present
-                    if target.score_threshold is None or result.scores[prompt] >= target.score_threshold]
             # every label's PNG from the map at the model input size: no full-size array
-            pngs = label_pngs(result.input_map, [result.labels.index(p) + 1 for _, p in kept],
-                              result.rows, result.cols)
-            return [(bitmask_region_from_png(png, result.original_size, label, target, result.scores[prompt]),
-                     result.areas[prompt], result.margins.get(prompt, result.scores[prompt]))
-                    for (label, prompt), png in zip(kept, pngs)]
+            return self._painted_regions(result, target, present, label_pngs, bitmask_region_from_png)
         for label, prompt in present:
             out.extend(self._shapes(result.small_mask(prompt), result.confidence, label, target, segmentation,
                                     result.original_size, margin=result.margin))
         return out
+
+    @staticmethod
+    def _painted_regions(result: Segmentation, target: LabelTarget, present: Sequence[tuple[str, str]],
+                         encode: Callable, region: Callable) -> list[tuple[dict, float, float]]:
+        """Regions of a control painted per pixel (BrushLabels, BitmaskLabels): the labels
+        scoring at least the control's threshold, all encoded at once from the map at the model
+        input size by ``encode(map, ids, rows, cols)``, each made a region by ``region(encoded,
+        size, label, target, score)``. ``[(region, area fraction, mean margin inside)]``."""
+        kept = [(label, prompt) for label, prompt in present
+                if target.score_threshold is None or result.scores[prompt] >= target.score_threshold]
+        encoded = encode(result.input_map, [result.labels.index(p) + 1 for _, p in kept], result.rows, result.cols)
+        return [(region(data, result.original_size, label, target, result.scores[prompt]),
+                 result.areas[prompt], result.margins.get(prompt, result.scores[prompt]))
+                for (label, prompt), data in zip(kept, encoded)]
 
     @staticmethod
     def _shapes(small: np.ndarray, confidence: np.ndarray, label: str, target: LabelTarget,
