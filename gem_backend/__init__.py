@@ -3,9 +3,10 @@
 The data path, by folder:
 
     request -> labeling spec (labelstudio.spec) -> image (labelstudio.images)
-    -> method: GEM or a peer (algorithm.methods: gem, lastblock, ...) -> maps and masks (algorithm.segmentation)
-    -> refinement (algorithm.refine)
-    -> shapes (algorithm.geometry) -> Label Studio JSON (labelstudio.results, labelstudio.brush)
+    -> (regions: SAM 2, algorithm.sam) -> method (algorithm.methods: gem, lastblock, scclip, corrclip)
+    -> maps, windows (algorithm.windows) -> refinement (algorithm.refine) -> decision (algorithm.segmentation)
+    -> (vote: algorithm.regions) -> shapes (algorithm.geometry)
+    -> Label Studio JSON (labelstudio.results, labelstudio.brush, labelstudio.bitmask)
 
 ``serving`` puts that path behind Label Studio's ML-backend protocol, ``jobs`` runs it over
 whole projects, ``evaluation`` measures it; ``settings`` and ``cli`` sit on top.

@@ -1,4 +1,4 @@
-"""The algorithm: CLIP + GEM (or a peer method) -> similarity maps -> masks -> regions.
+"""The algorithm: (SAM 2 regions) -> CLIP + GEM or a successor -> maps -> refinement -> decision -> (vote) -> masks.
 
 numpy and torch in and out; no HTTP, no Label Studio, no Redis (``tests/test_structure.py``
 checks it). Shapes are in every docstring: ``B`` images, ``H x W`` pixels, grid ``h x w``,
@@ -18,6 +18,9 @@ Modules and their public names:
   map; ``uses_regions``), ``merge_regions``, ``corrclip_scope``.
 - :mod:`.dino`: :func:`load_dino` (DINO v1 on timm's ViT, a name's hub weights or a file,
   shared per process) -> :class:`DINO` (``qk_features``).
+- :mod:`.windows`: the official sliding-window arithmetic shared by eval and serving
+  (``sliding_windows``, ``window_tokens``, ``window_logits``, ``REGION_PAD``).
+- :mod:`.refine`: ``pamr``.
 - :mod:`.hub`: ``ModelLoadError`` and the fast hub-reachability check the loaders share.
 - :mod:`.methods`: the one factory, ``create_method`` / ``check_method_options`` /
   ``method_names``.
