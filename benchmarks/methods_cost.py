@@ -19,7 +19,9 @@ maximum resident set, model included) is its own. Rows:
   points, thresholds 0.4): total, of which the image encoder (``SAM2ImagePredictor.set_image``),
   the rest being prompts, mask decoding and post-processing; per model of ``--sam2``;
 - ``vote``: ``vote_regions`` on a 448x597 label map (serving's small map) and on 3000x4000
-  (full size), 60 regions;
+  (full size), 60 regions; ``sorted``: the same through ``np.unique`` (the path for widely spread ids);
+- ``knn``: SC-CLIP's 31 nearest tokens of N = 1568 tokens of width 768 (a 448x896 image), one
+  thread: the official float32 difference form against ``scclip.knn_sq_distances`` (float64 Gram);
 - ``refine``: PAMR (10 iterations, dilations 8,16) on ``--labels`` + 6 prompts at 448x448;
 - ``windows``: GEM through 448/224 windows on a 12-megapixel photo's working size at short
   sides 448, 896, 1344.
@@ -44,7 +46,7 @@ import time
 import numpy as np
 import torch
 
-ROW_GROUPS = ("method", "protocol", "corrclip", "sam2", "vote", "refine", "windows")
+ROW_GROUPS = ("method", "protocol", "corrclip", "sam2", "vote", "knn", "refine", "windows")
 CLIP_METHODS = ("gem", "clip", "sclip", "clearclip", "naclip", "scclip", "sfp")
 
 
@@ -207,11 +209,32 @@ def run_group(group: str, args, info: dict) -> None:
                 emit(dict(base, row="sam2", model=name, image=[480, 640], points=8, encoder_s=round(encoder, 4),
                           prompts_and_post_s=round(row["median_s"] - encoder, 4), **row))
         elif group == "vote":
+            from gem_backend.algorithm import regions as regions_module
+
+            direct = regions_module.DIRECT_BINS
             for size in ((448, 597), (3000, 4000)):
                 labels = np.random.default_rng(0).integers(0, 21, size=size).astype(np.uint16)
                 inst = regions_map(*size, 60)
-                row = timed(lambda: vote_regions(labels, inst), args.runs)
-                emit(dict(base, row="vote", size=list(size), regions=60, **row))
+                for sorted_ids in (False, True):
+                    regions_module.DIRECT_BINS = 0 if sorted_ids else direct
+                    row = timed(lambda: vote_regions(labels, inst), args.runs)
+                    emit(dict(base, row="vote", size=list(size), regions=60, sorted=sorted_ids, **row))
+            regions_module.DIRECT_BINS = direct
+        elif group == "knn":
+            from gem_backend.algorithm.scclip import knn_sq_distances
+
+            torch.set_num_threads(1)
+            x = torch.randn(1568, 768, generator=torch.Generator().manual_seed(0))
+
+            def difference_form():  # the official formula, in row chunks of ~128 MB
+                for start in range(0, 1568, 27):
+                    d = torch.norm(x[start:start + 27, None] - x[None], dim=2) ** 2
+                    d.topk(31, dim=1, largest=False)
+
+            for name, fn in (("official difference form", difference_form),
+                             ("float64 Gram (ours)", lambda: knn_sq_distances(x, 30))):
+                emit(dict(base, row="knn", tokens=1568, width=768, k=30, form=name, threads=1,
+                          **timed(fn, args.runs)))
         elif group == "refine":
             maps = torch.randn(1, args.labels + 6, 448, 448, device=dev)
             guide = torch.randint(0, 256, (1, 3, 448, 448), device=dev).float()
