@@ -34,9 +34,9 @@ from torch import nn
 
 from .dense import DenseCLIP, UnsupportedModelError, interpolate_pos_encoding
 from .dino import DINO, DINO_MEAN, DINO_STD, load_dino
-from .windows import REGION_PAD
+from .windows import REGION_PAD, torch_nearest_indices
 
-__all__ = ["CorrCLIP", "merge_regions", "corrclip_scope", "torch_nearest_indices", "ALPHA", "BETA", "TAU",
+__all__ = ["CorrCLIP", "merge_regions", "corrclip_scope", "ALPHA", "BETA", "TAU",
            "DBSCAN_EPS"]
 
 ALPHA = 1.0  # weight of the spatial branch
@@ -47,13 +47,6 @@ _NUM_SPATIAL = {12: 5, 24: 12, 32: 28}  # official; other depths: L - 4
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def torch_nearest_indices(n_in: int, n_out: int, device=None) -> torch.Tensor:
-    """``[n_out]`` int64: the source index of each output index of ``F.interpolate(mode="nearest")``
-    (``floor(i * n_in / n_out)`` with PyTorch's own float scale, so maps match it exactly)."""
-    src = torch.arange(n_in, dtype=torch.float32, device=device).reshape(1, 1, n_in)
-    return F.interpolate(src, size=n_out, mode="nearest").reshape(n_out).long()
 
 
 def merge_regions(regions: torch.Tensor, features: torch.Tensor,
@@ -127,8 +120,7 @@ class CorrCLIP(DenseCLIP):
     window_multiple = 56
 
     def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None, dino: DINO | None = None):
-        super().__init__(clip_model, tokenizer, method=self.name)
-        self.options = dict(options)
+        super().__init__(clip_model, tokenizer, method=self.name, options=options)
         depth = len(self._blocks)
         self.num_spatial = _NUM_SPATIAL.get(depth, depth - 4)
         if self.num_spatial < 1:
@@ -139,12 +131,17 @@ class CorrCLIP(DenseCLIP):
         self.dino = dino
         cfg = getattr(self.visual, "preprocess_cfg", None) or {}
         # CLIP-normalised -> pixels -> ImageNet-normalised, float32 (the padding stays the exact CLIP mean)
-        clip_mean = torch.tensor(cfg.get("mean", _OPENAI_MEAN), dtype=torch.float32).reshape(1, 3, 1, 1)
-        clip_std = torch.tensor(cfg.get("std", _OPENAI_STD), dtype=torch.float32).reshape(1, 3, 1, 1)
+        clip_mean = torch.tensor(cfg.get("mean", _OPENAI_MEAN), dtype=torch.float32,
+                              device=self.device).reshape(1, 3, 1, 1)
+        clip_std = torch.tensor(cfg.get("std", _OPENAI_STD), dtype=torch.float32,
+                              device=self.device).reshape(1, 3, 1, 1)
         self.register_buffer("clip_mean", clip_mean, persistent=False)
         self.register_buffer("clip_std", clip_std, persistent=False)
-        self.register_buffer("dino_mean", torch.tensor(DINO_MEAN).reshape(1, 3, 1, 1), persistent=False)
-        self.register_buffer("dino_std", torch.tensor(DINO_STD).reshape(1, 3, 1, 1), persistent=False)
+        # on the CLIP's device: the factory does not move a method (it shares the loaded model)
+        self.register_buffer("dino_mean", torch.tensor(DINO_MEAN, device=self.device).reshape(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("dino_std", torch.tensor(DINO_STD, device=self.device).reshape(1, 3, 1, 1),
+                             persistent=False)
 
     def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         # the official (vendored open_clip) rule: stored embeddings whenever the count is native

@@ -143,9 +143,10 @@ class DenseCLIP(nn.Module):
         UnsupportedModelError: for towers the methods are not defined on.
     """
 
-    def __init__(self, clip_model: nn.Module, tokenizer=None, method: str = "GEM"):
+    def __init__(self, clip_model: nn.Module, tokenizer=None, method: str = "GEM", options: dict | None = None):
         super().__init__()
         check_supported(clip_model, method)
+        self.options = dict(options or {})  # the method's full options (the factory completes them)
         self.model = clip_model
         self.visual = clip_model.visual
         if tokenizer is None:
@@ -343,8 +344,7 @@ class CLIPMethod(DenseCLIP):
     name = "clip"
 
     def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None):
-        super().__init__(clip_model, tokenizer, method=self.name)
-        self.options = dict(options)
+        super().__init__(clip_model, tokenizer, method=self.name, options=options)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` -> ``[B, 1+N, D]`` after ``ln_post`` and the projection, not normalised."""

@@ -87,8 +87,8 @@ class LastBlockMethod(DenseCLIP):
     _keep_residual: bool = True
 
     def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None):
-        super().__init__(clip_model, tokenizer, method=self.name)
-        self.options = dict(options)
+        super().__init__(clip_model, tokenizer, method=self.name, options=options)
+        self._strategy = options.get("attn_strategy", self._strategy)
 
     def _pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         visual = self.visual
@@ -141,7 +141,6 @@ class SCLIP(LastBlockMethod):
 
     def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None):
         super().__init__(clip_model, options, tokenizer)
-        self._strategy = options["attn_strategy"]
 
 
 class ClearCLIP(LastBlockMethod):
@@ -155,7 +154,6 @@ class ClearCLIP(LastBlockMethod):
 
     def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None):
         super().__init__(clip_model, options, tokenizer)
-        self._strategy = options["attn_strategy"]
         self._keep_residual = not options["ignore_residual"]
 
 
@@ -172,7 +170,6 @@ class NACLIP(LastBlockMethod):
 
     def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None):
         super().__init__(clip_model, options, tokenizer)
-        self._strategy = options["attn_strategy"]
         self._keep_residual = options["arch"] == "vanilla"
 
     def _bias(self, grid: tuple[int, int], x: torch.Tensor) -> torch.Tensor | None:

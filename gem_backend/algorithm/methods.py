@@ -98,6 +98,7 @@ class _Spec:
     summary: str
     options: dict[str, _Option] = field(default_factory=dict)
     check: Callable[[dict], str | None] = lambda options: None  # cross-option rule: error text or None
+    models: tuple[str, ...] = ()  # other models the method's constructor takes (not options)
 
 
 def _naclip_rule(options: dict) -> str | None:
@@ -146,7 +147,7 @@ _METHODS: dict[str, _Spec] = {
     "corrclip": _Spec(CorrCLIP, "CorrCLIP (DINO v1 affinity in the last block, scoped by region masks such as SAM 2's)", {
         "dino_model": _text("dino_vitb8"),  # dino_vits8/vits16/vitb8/vitb16 or a config JSON
         "dino_pretrained": _optional_text(None),  # a weights file; None: the name's hub weights
-    }),
+    }, models=("dino",)),
 }
 
 
@@ -244,11 +245,12 @@ def create_method(name: str, clip_model: nn.Module, *, tokenizer=None, dino=None
         UnsupportedModelError: an image tower the methods are not defined on.
     """
     full = check_method_options(name, options)
-    if name == "corrclip":
-        return CorrCLIP(clip_model, full, tokenizer=tokenizer, dino=dino)
-    if dino is not None:
-        raise MethodError(f"method {name!r} takes no DINO model")
-    return _METHODS[name].cls(clip_model, full, tokenizer=tokenizer)
+    spec = _METHODS[name]
+    models = {key: model for key, model in {"dino": dino}.items() if model is not None}
+    for key in models:
+        if key not in spec.models:
+            raise MethodError(f"method {name!r} takes no {key.upper()} model")
+    return spec.cls(clip_model, full, tokenizer=tokenizer, **models)
 
 
 create = create_method  # the name open_clip-style callers (and the golden checker) may use

@@ -310,8 +310,7 @@ class SelfCalibratedCLIP(DenseCLIP):
     multi_terms = (True, False)
 
     def __init__(self, clip_model: nn.Module, options: dict, tokenizer=None):
-        super().__init__(clip_model, tokenizer, method=self.name)
-        self.options = dict(options)
+        super().__init__(clip_model, tokenizer, method=self.name, options=options)
         self.res_cls = float(self.options["res_cls"])
 
     @property

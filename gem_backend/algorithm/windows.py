@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["REGION_PAD", "Window", "sliding_windows", "centre_pad", "window_multiple", "window_tokens",
-           "window_logits", "cell_tokens", "resize_regions"]
+           "window_logits", "cell_tokens", "resize_regions", "torch_nearest_indices"]
 
 # instance id of a window's zero padding (CorrCLIP: the padding is a region of its own)
 REGION_PAD = 10000
@@ -105,15 +105,21 @@ def window_multiple(method) -> tuple[int, int]:
     return (m, m) if isinstance(m, int) else tuple(m)
 
 
+def torch_nearest_indices(n_in: int, n_out: int, device=None) -> torch.Tensor:
+    """``[n_out]`` int64: the source index of each output index of ``F.interpolate(mode="nearest")``
+    (``floor(i * n_in / n_out)`` with PyTorch's own float scale, so maps match it exactly)."""
+    src = torch.arange(n_in, dtype=torch.float32, device=device).reshape(1, 1, n_in)
+    return F.interpolate(src, size=n_out, mode="nearest").reshape(n_out).long()
+
+
 def resize_regions(regions: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``[H, W]`` int64 instance map nearest-resized to ``size`` (source index
-    ``floor(i * H / h)``: torch's / OpenCV's ``nearest``), exact for any id."""
+    """``[H, W]`` int64 instance map nearest-resized to ``size`` as ``F.interpolate(mode="nearest")``
+    does (:func:`torch_nearest_indices`), by indexing: exact for any id (no float cast)."""
     h, w = regions.shape
     if (h, w) == tuple(size):
         return regions
-    rows = torch.clamp((torch.arange(size[0], device=regions.device) * h) // size[0], max=h - 1)
-    cols = torch.clamp((torch.arange(size[1], device=regions.device) * w) // size[1], max=w - 1)
-    return regions[rows][:, cols]
+    dev = regions.device
+    return regions[torch_nearest_indices(h, size[0], dev)][:, torch_nearest_indices(w, size[1], dev)]
 
 
 def _patches(out: torch.Tensor, n: int) -> torch.Tensor:

@@ -721,8 +721,8 @@ def run_evaluation(cfg: EvalConfig, loaded, echo: Callable[[str], None] = print)
         logits = segmenter.logits(image, text, regions=instances)  # CorrCLIP takes them; the others ignore them
         pred = decide(logits, query_class, num_classes, p.logit_scale, p.prob_thd, p.area_thd,
                       spec.background).cpu().numpy().astype(np.uint8)
-        if instances is not None:  # CorrCLIP's map correction, at the image's size
-            pred = vote_regions(pred, resize_nearest(instances, pred.shape))
+        if instances is not None:  # CorrCLIP's map correction, at the image's size (pred's)
+            pred = vote_regions(pred, instances)
         cm = confusion_matrix(pred, gt, num_classes)
         flat = np.flatnonzero(cm)
         _atomic_savez(cache / f"{_safe(s.name)}.npz", index=flat.astype(np.int32), count=cm.ravel()[flat])
