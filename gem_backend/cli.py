@@ -273,6 +273,16 @@ def cmd_eval(args) -> int:
     if args.project is not None:
         from .evaluation.project import cmd_eval_project
 
+        # a project is predicted with its own settings: benchmark flags would be ignored silently
+        ignored = [flag for flag, used in (("--dataset", args.dataset), ("--root", args.root),
+                                           ("--method", args.method != "gem"), ("--method-options", args.method_options),
+                                           ("--refine", args.refine != "none"), ("--regions", args.regions is not None),
+                                           ("--protocol", args.protocol != "gem")) if used]
+        if ignored:
+            print(f"gem-backend eval: {', '.join(ignored)} do not apply with --project (it predicts with the "
+                  "project's settings): compare variants with --compare, e.g. --compare gem,scclip+pamr,"
+                  "gem+regions=sam2", file=sys.stderr)
+            return 2
         return cmd_eval_project(args)
     if not args.dataset or not args.root:
         print("gem-backend eval: give --dataset and --root (a benchmark), or --project ID (a Label Studio project)",

@@ -386,3 +386,11 @@ def test_cli_runs_a_sweep_and_writes_the_contract_files(label_studio, voc_projec
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted(
         [f"{t}.png" for t in tids] + [f"{t}_annotation.png" for t in tids])
     assert "Best:" in capsys.readouterr().out
+
+
+def test_benchmark_flags_are_refused_with_a_project_instead_of_ignored(capsys):
+    from gem_backend.cli import main
+
+    assert main(["eval", "--project", "3", "--method", "scclip", "--regions", "sam2"]) == 2
+    err = capsys.readouterr().err
+    assert "--method, --regions do not apply with --project" in err and "--compare" in err

@@ -75,7 +75,7 @@ __all__ = ["Protocol", "PROTOCOLS", "protocol_for", "EvalError", "confusion_matr
            "point_metrics", "sliding_windows", "run_comparison", "parse_variants", "variant_name",
            "comparison_markdown", "segmenter_for", "METHODS", "REFINES", "resized_size", "decide", "point_scores", "Segmenter",
            "EvalConfig", "run_evaluation", "results_markdown", "is_untrained", "GEM_TEMPLATE", "run_active_learning",
-           "active_learning_markdown", "AL_KS", "region_generator_for"]
+           "active_learning_markdown", "AL_KS", "region_generator_for", "save_label_png"]
 
 GEM_TEMPLATE = "a photo of a {}."
 PROTOCOLS = ("gem", "sclip", "clearclip")
@@ -660,7 +660,8 @@ def _open_run(cfg: EvalConfig, fingerprint: dict) -> Path:
     return cache
 
 
-def _save_png(path: Path, label_map: np.ndarray, palette: np.ndarray) -> None:
+def save_label_png(path: Path, label_map: np.ndarray, palette: np.ndarray) -> None:
+    """A label map as a palette PNG (pixel values = class indices), written atomically."""
     img = Image.fromarray(label_map.astype(np.uint8))
     img.putpalette(palette.ravel().tolist())  # 'L' -> 'P': the pixel values stay the class indices
     tmp = path.with_name(path.name + ".tmp.png")
@@ -727,7 +728,7 @@ def run_evaluation(cfg: EvalConfig, loaded, echo: Callable[[str], None] = print)
         flat = np.flatnonzero(cm)
         _atomic_savez(cache / f"{_safe(s.name)}.npz", index=flat.astype(np.int32), count=cm.ravel()[flat])
         if pred_dir is not None:
-            _save_png(pred_dir / f"{_safe(s.name)}.png", pred, palette)
+            save_label_png(pred_dir / f"{_safe(s.name)}.png", pred, palette)
     elapsed = time.monotonic() - started
 
     total = np.zeros(num_classes * num_classes, dtype=np.int64)

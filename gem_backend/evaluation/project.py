@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .datasets import voc_palette
-from .harness import confusion_matrix, segmentation_metrics
+from .harness import confusion_matrix, save_label_png, segmentation_metrics
 from ..algorithm.methods import method_names
 from ..algorithm.segmentation import REFINE_KINDS
 from ..labelstudio.api import LabelStudioAPI, LabelStudioError
@@ -259,12 +259,6 @@ def _size_of(annotation: Mapping, from_name: str) -> tuple[int, int] | None:
     return None
 
 
-def _save_png(path: Path, label_map: np.ndarray) -> None:
-    img = Image.fromarray(label_map.astype(np.uint8), mode="L")
-    img.putpalette(voc_palette().ravel().tolist())
-    img.save(path)
-
-
 def _blend(image: np.ndarray, label_map: np.ndarray) -> np.ndarray:
     colours = voc_palette()
     out = image.astype(np.float32)
@@ -404,8 +398,8 @@ def _run(cfg: ProjectEvalConfig, service: GEMService, api: LabelStudioAPI, echo)
                 per_task[k].append(dict(id=tid, iou=round(_task_iou(cm) * 100.0, 4), annotation=annotation.get("id")))
             pred = done[0][2]
             if pdir is not None:
-                _save_png(pdir / f"{tid}.png", pred)
-                _save_png(pdir / f"{tid}_annotation.png", gt)
+                save_label_png(pdir / f"{tid}.png", pred, voc_palette())
+                save_label_png(pdir / f"{tid}_annotation.png", gt, voc_palette())
             if cfg.overlays > 0:
                 item = (-_task_iou(done[0][0]), tid, pred, gt, task["data"][target.value_key])
                 if len(worst) < cfg.overlays:

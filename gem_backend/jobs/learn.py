@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from ..labelstudio.api import LabelStudioAPI, LabelStudioError
 from ..options import add_label_studio_flags, add_model_flags, with_label_studio
@@ -28,7 +28,7 @@ from .prelabel import PrelabelError, progress_bar, resolve_target
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LearnSummary", "learn_project", "iter_annotated_tasks", "task_annotations", "add_parser", "cmd_learn"]
+__all__ = ["LearnSummary", "learn_project", "add_parser", "cmd_learn"]
 
 
 @dataclass
@@ -61,15 +61,6 @@ class LearnSummary:
                     labels=self.labels, model_version=self.model_version, prototypes_on=self.prototypes_on)
 
 
-def iter_annotated_tasks(api, project: int) -> Iterator[dict]:
-    """The project's tasks holding at least one annotation (``{"id", "data", ...}``)."""
-    yield from api.iter_annotated_tasks(project)
-
-
-def task_annotations(api, task: int) -> list[dict]:
-    return api.task_annotations(task)
-
-
 def learn_project(service: GEMService, api, project: int, *, extra_params: Any = None, ml_backend: int | None = None,
                   progress: bool = False, echo: Callable[[str], None] = print) -> LearnSummary:
     """Learn every annotation of ``project`` (replacing what the store holds for each) and
@@ -81,14 +72,14 @@ def learn_project(service: GEMService, api, project: int, *, extra_params: Any =
     spec = service.project(target.label_config, target.extra_params)
     pid = project_key(project)
     summary = LearnSummary(int(project), prototypes_on=spec.segmentation.prototypes)
-    tasks = list(iter_annotated_tasks(api, project))
+    tasks = list(api.iter_annotated_tasks(project))
     summary.tasks = len(tasks)
     seen: set[str] = set()
     if tasks:
         service.load()
     with progress_bar(len(tasks), progress, desc="learn") as bar:
         for task in tasks:
-            for annotation in task_annotations(api, int(task["id"])):
+            for annotation in api.task_annotations(int(task["id"])):
                 try:
                     aid = annotation_key(annotation.get("id"))
                 except ValueError:

@@ -5,7 +5,7 @@ Label Studio 1.23 stores them and draws them at the image's pixel size:
 
 - ``brushlabels``: ``value.rle`` (alpha words of RGBA, :func:`~.brush.rle2mask`), a pixel is
   inside when its alpha is at least 128;
-- ``polygonlabels``: ``value.points`` in percent of the image, filled with Pillow;
+- ``polygonlabels``: ``value.points`` in percent of the image, filled by pixel centre, even-odd (:func:`fill_polygon`);
 - ``rectanglelabels``: ``value.x/y/width/height`` in percent (``rotation`` about the top-left
   corner, as Label Studio draws it);
 - ``bitmasklabels``: ``value.imageDataURL``, a PNG data URL; a pixel is inside when its alpha
@@ -31,13 +31,13 @@ import numpy as np
 from PIL import Image
 
 from .brush import rle2mask
+from .results import BITMASK_PREFIX
 
 __all__ = ["AnnotationError", "MASK_KINDS", "bitmask_mask", "label_map", "polygon_mask", "fill_polygon", "rectangle_mask",
            "region_mask", "result_masks"]
 
 MASK_KINDS = ("brushlabels", "polygonlabels", "rectanglelabels", "bitmasklabels")
 MAX_PIXELS = 200_000_000
-DATA_URL_PREFIX = "data:image/png;base64,"
 
 
 class AnnotationError(ValueError):
@@ -117,9 +117,8 @@ def rectangle_mask(value: Mapping, height: int, width: int) -> np.ndarray:
     a = math.radians(rotation)
     cos, sin = math.cos(a), math.sin(a)
     corners = [(0.0, 0.0), (bw, 0.0), (bw, bh), (0.0, bh)]
-    pts = [[100.0 * (x0 + u * cos - v * sin) / width, 100.0 * (y0 + u * sin + v * cos) / height]
-           for u, v in corners]
-    return polygon_mask(pts, height, width)
+    xy = np.array([(x0 + u * cos - v * sin, y0 + u * sin + v * cos) for u, v in corners])
+    return fill_polygon(xy, (height, width))
 
 
 def bitmask_mask(data_url: Any, height: int | None = None, width: int | None = None) -> np.ndarray:
@@ -127,10 +126,10 @@ def bitmask_mask(data_url: Any, height: int | None = None, width: int | None = N
 
     The PNG must be ``height x width`` when they are given (Label Studio draws it stretched
     over the image, so another size would not line up pixel for pixel)."""
-    if not isinstance(data_url, str) or not data_url.startswith("data:image/png;base64,"):
+    if not isinstance(data_url, str) or not data_url.startswith(BITMASK_PREFIX):
         raise AnnotationError("imageDataURL is not a PNG data URL")
     try:
-        raw = base64.b64decode(data_url[len(DATA_URL_PREFIX):], validate=True)
+        raw = base64.b64decode(data_url[len(BITMASK_PREFIX):], validate=True)
     except (binascii.Error, ValueError):
         raise AnnotationError("imageDataURL is not valid base64") from None
     try:

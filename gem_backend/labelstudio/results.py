@@ -183,14 +183,9 @@ def bitmask_region(mask: np.ndarray, label: str, target: BitmaskTarget, score: f
     Returns ``{"id", "from_name", "to_name", "type": "bitmasklabels", "original_width",
     "original_height", "image_rotation": 0, "score", "value": {"imageDataURL":
     "data:image/png;base64,...", "bitmasklabels": [label]}}``."""
-    _check_label(label, target)
-    url = bitmask_data_url(mask, stretch)
-    if stretch is not None:
-        height, width = len(stretch[0]), len(stretch[1])
-    else:
-        height, width = np.asarray(mask).shape
-    value = {"imageDataURL": url, "bitmasklabels": [label]}
-    return _image_region("bitmasklabels", target, width, height, score, value, region_id)
+    rows, cols = stretch if stretch is not None else (None, None)
+    size = (len(rows), len(cols)) if stretch is not None else np.asarray(mask).shape
+    return bitmask_region_from_png(mask_png(mask, rows, cols), size, label, target, score, region_id)
 
 
 def _check_label(label: str, target: LabelTarget) -> None:

@@ -312,7 +312,6 @@ class Agreement(WebhookQueue):
     Args:
         service: the process's :class:`~gem_backend.serving.service.GEMService` (settings,
             labeling-config parsing, metrics).
-        params: project id -> its ``extra_params`` (the model version's settings).
         store: default :func:`open_agreement_store` of the service's settings.
         predictions: task id -> that task's predictions; default the Label Studio API
             (none without ``LABEL_STUDIO_URL``).
@@ -324,11 +323,10 @@ class Agreement(WebhookQueue):
     FAILED_MESSAGE = "agreement: webhook %s failed"
     logger = log
 
-    def __init__(self, service, params: Callable[[str], Any] | None = None, store: AgreementStore | None = None,
+    def __init__(self, service, store: AgreementStore | None = None,
                  predictions: Callable[[Any], list] | None = None, maxsize: int = 1000):
         super().__init__(maxsize)
         self.service = service
-        self.params = params or (lambda pid: {})
         self._store = store
         self.predictions = predictions
         self._api = None
@@ -463,12 +461,15 @@ class Agreement(WebhookQueue):
         except ValueError:
             return "skipped"
         config = project.get("label_config") if isinstance(project, Mapping) else None
-        from .service import RequestError
+        from ..labelstudio.spec import LabelConfigError, parse_labeling_config
 
-        try:
-            spec = self.service.project(config, self.params(pid))
-        except RequestError as err:
-            log.warning("agreement: project %s: annotation %s skipped: %s", pid, aid, err)
+        try:  # only the controls matter here, not the project's settings
+            targets = parse_labeling_config(config).targets if isinstance(config, str) else None
+        except LabelConfigError as err:
+            targets, config = None, f"{err}"
+        if targets is None:
+            log.warning("agreement: project %s: annotation %s skipped: no usable labeling config (%s)", pid, aid,
+                        "missing" if config is None else config)
             return "skipped"
         given = annotation.get("prediction")
         if is_ours(given) and isinstance(given.get("result"), list):
@@ -486,7 +487,7 @@ class Agreement(WebhookQueue):
             log.debug("agreement: project %s: task %s has no prediction of ours", pid, task.get("id"))
             return "no_prediction"
         results = annotation.get("result")
-        figures = compare_results(results if isinstance(results, list) else [], pred["result"], spec.targets)
+        figures = compare_results(results if isinstance(results, list) else [], pred["result"], targets)
         for problem in figures.pop("problems"):
             log.warning("agreement: project %s: annotation %s: %s: skipped", pid, aid, problem)
         record = {"annotation": aid, "task": task.get("id"), "action": action,

@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None, service: GEMService | None = No
     service = service or GEMService(settings)
     params = ProjectParams(settings)
     learner = Learner(service, params.get)
-    agreement = Agreement(service, params.get)
+    agreement = Agreement(service)
     app = Flask("gem_backend")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["gem_service"] = service

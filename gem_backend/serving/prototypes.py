@@ -8,7 +8,7 @@ with the label's text embedding sharpens later predictions of the same project
 From an annotation to a contribution (:func:`contribution_from_masks`):
 
 1. each annotated region is decoded to a mask (:func:`gem_backend.labelstudio.annotations.result_masks`):
-   brush RLE (alpha >= 128), polygons (points in percent of the image) rasterised with Pillow,
+   brush RLE (alpha >= 128), polygons (points in percent of the image) filled by pixel centre (even-odd),
    bitmask PNGs (alpha > 0); boxes are not learnt from; regions of one label are OR-ed;
 2. the mask is reduced to the image's token grid as the **area fraction** of every patch
    (:func:`grid_fractions`, an exact box average); a patch belongs to the label when at least

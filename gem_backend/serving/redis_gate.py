@@ -82,7 +82,8 @@ class RedisGate:
 
 # what lives on REDIS_URL without a TTL: an allkeys-* policy may evict it when memory is full
 DURABLE_KEYS = ("rq:* (the pre-labeling queue and its jobs)", "gem:prelabel:run:* (runs in progress)",
-                "gem:project:*:params (project settings)", "gem:proto:* (label prototypes)")
+                "gem:project:*:params (project settings)", "gem:proto:* (label prototypes)",
+                "gem:agreement:* (agreement figures)")
 _policy_warned: set[str] = set()
 _policy_lock = threading.Lock()
 
